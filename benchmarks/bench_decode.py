@@ -1,0 +1,144 @@
+"""Decode-step benchmark: one jitted step (all layers + sampling) of a shape preset.
+
+Times `jlora.generate.decode_step` as the serving loop runs it: steps dispatched back to
+back with the KV cache donated, each fed the previous step's tokens; the median over
+repeats of the per-step time. Every step streams all weights and the whole KV cache from
+HBM (gigabytes, far beyond L2), so no cache flush is needed between steps.
+
+Reports step time, tokens/s and achieved bandwidth against the device-to-device copy
+ceiling measured in the same run (torch's copy_ when torch is there, else an XLA copy).
+The last line of stdout is one JSON document.
+
+    python benchmarks/bench_decode.py --model llama2-7b --batch 1 32 64 --context 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora.config import preset
+from jlora.generate import decode_step
+from jlora.model import KVCache, init_params
+from jlora.sampling import SamplingParams, make_sampling_arrays, seed_key
+
+
+def copy_bandwidth(nbytes: int = 4 << 30, reps: int = 20) -> tuple[float, str]:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    try:
+        import torch
+        if torch.cuda.is_available():
+            src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+            dst = torch.empty_like(src)
+            times = []
+            for i in range(reps + 3):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
+                    enable_timing=True)
+                start.record()
+                dst.copy_(src)
+                end.record()
+                torch.cuda.synchronize()
+                if i >= 3:
+                    times.append(start.elapsed_time(end) / 1e3)
+            del src, dst
+            torch.cuda.empty_cache()
+            return 2 * nbytes / statistics.median(times), "torch copy_"
+    except ImportError:
+        pass
+    nbytes = nbytes if jax.default_backend() == "gpu" else 1 << 28
+    x = jnp.arange(nbytes // 2, dtype=jnp.float32).astype(jnp.bfloat16)
+    copy = jax.jit(lambda a: a * 1 + 0)
+    copy(x).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        copy(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * nbytes / statistics.median(times), "xla elementwise copy"
+
+
+def random_cache(cfg, batch, length, dtype, key) -> KVCache:
+    shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+    keys = jax.random.split(key, 2 * cfg.n_layers)
+    make = jax.jit(lambda k: jax.random.normal(k, shape, dtype))
+    return KVCache(tuple(make(keys[i]) for i in range(cfg.n_layers)),
+                   tuple(make(keys[cfg.n_layers + i]) for i in range(cfg.n_layers)))
+
+
+def bench_batch(params, cfg, batch: int, context: int, dtype, steps: int, reps: int) -> dict:
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    if not cfg.tie_embeddings:  # only `batch` rows of the embedding table are read
+        weight_bytes -= params["embed"].nbytes
+    kv_bytes = 2 * cfg.n_layers * batch * cfg.n_kv_heads * context * cfg.head_dim * \
+        jnp.dtype(dtype).itemsize
+    cache = random_cache(cfg, batch, context, dtype, jax.random.key(batch))
+    sampling = jax.device_put(make_sampling_arrays(
+        [SamplingParams()] * batch, np.stack([seed_key(i) for i in range(batch)]),
+        [0] * batch, batch))
+    tokens = jax.random.randint(jax.random.key(1), (batch,), 0, cfg.vocab_size)
+    positions = jnp.full((batch,), context - 1, jnp.int32)  # attend over the whole context
+
+    t = time.perf_counter()
+    tokens, _, cache = decode_step(params, cache, tokens, positions, sampling, cfg=cfg)
+    tokens.block_until_ready()
+    compile_s = time.perf_counter() - t
+    for _ in range(3):
+        tokens, _, cache = decode_step(params, cache, tokens, positions, sampling, cfg=cfg)
+    tokens.block_until_ready()
+    per_step = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(steps):
+            tokens, _, cache = decode_step(params, cache, tokens, positions, sampling, cfg=cfg)
+        tokens.block_until_ready()
+        per_step.append((time.perf_counter() - t) / steps)
+    step_s = statistics.median(per_step)
+    return dict(batch=batch, context=context, step_ms=step_s * 1e3,
+                spread_ms=(max(per_step) - min(per_step)) * 1e3, tokens_per_s=batch / step_s,
+                weight_gb=weight_bytes / 1e9, kv_gb=kv_bytes / 1e9,
+                achieved_gbps=(weight_bytes + kv_bytes) / step_s / 1e9, compile_s=compile_s)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="llama2-7b", help="a shape preset")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 32, 64])
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
+    ap.add_argument("--reps", type=int, default=25, help="timed repeats (median taken)")
+    args = ap.parse_args()
+
+    dtype = jnp.dtype(args.dtype)
+    cfg = preset(args.model)
+    ceiling, method = copy_bandwidth()
+    params = jax.jit(init_params, static_argnums=(0, 2))(cfg, jax.random.key(0), dtype)
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+          f"model {cfg.name} ({cfg.n_params / 1e9:.2f} B params, {args.dtype})")
+    print(f"copy ceiling: {ceiling / 1e9:.0f} GB/s ({method}, read + write counted)")
+    rows = []
+    for b in args.batch:
+        r = bench_batch(params, cfg, b, args.context, dtype, args.steps, args.reps)
+        r["pct_of_ceiling"] = 100 * r["achieved_gbps"] * 1e9 / ceiling
+        r["floor_ms"] = (r["weight_gb"] + r["kv_gb"]) * 1e9 / ceiling * 1e3
+        rows.append(r)
+        print(f"batch {b:3d}  ctx {args.context}  step {r['step_ms']:7.3f} ms "
+              f"(spread {r['spread_ms']:.3f})  floor {r['floor_ms']:.3f} ms  "
+              f"{r['tokens_per_s']:8.0f} tok/s  weights {r['weight_gb']:.2f} GB + "
+              f"KV {r['kv_gb']:.2f} GB  {r['achieved_gbps']:6.0f} GB/s = "
+              f"{r['pct_of_ceiling']:.1f}% of ceiling  (compile {r['compile_s']:.1f} s)",
+              flush=True)
+    print(json.dumps(dict(bench="decode_step", device=device.device_kind, jax=jax.__version__,
+                          model=cfg.name, dtype=args.dtype, ceiling_gbps=ceiling / 1e9,
+                          ceiling_method=method, results=rows)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The `jlora` command line: `generate` (a batch of prompts) and `chat` (an interactive session).
+
+Parses arguments and request files, calls `jlora.generate`, prints. Errors a user can cause
+are printed as one line naming the bad value, with exit status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from jlora.loader import DEFAULT_MODEL, DTYPES
+
+REQUEST_KEYS = ("prompt", "prompt_token_ids", "messages", "max_tokens", "temperature", "top_p",
+                "top_k", "seed", "stop", "stop_token_ids", "ignore_eos")
+_SAMPLING_KEYS = REQUEST_KEYS[3:]
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="smollm2 (default, embedded), a Hugging Face model directory, a .gguf "
+                        "file, or a preset name (llama2-7b, llama3-8b, smollm2-135m, tiny)")
+    p.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="weights and activations (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 (default) disables top-k")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jlora", description="Multi-LoRA serving in JAX")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate completions for a batch of prompts")
+    _add_model_args(gen)
+    gen.add_argument("--no-chat", action="store_true",
+                     help="send prompts as raw text instead of through the chat template")
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON line per request, in input order")
+    gen.add_argument("--requests", type=Path,
+                     help="JSONL file, one request per line: prompt or prompt_token_ids, and "
+                          f"any of {', '.join(_SAMPLING_KEYS)}")
+    gen.add_argument("prompts", nargs="*", metavar="PROMPT")
+    chat = sub.add_parser("chat", help="talk with the model in the terminal")
+    _add_model_args(chat)
+    return parser
+
+
+def _sampling(args, overrides: dict | None = None):
+    from jlora.sampling import SamplingParams
+    values = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                  top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
+                  ignore_eos=args.ignore_eos)
+    values.update(overrides or {})
+    if isinstance(values["stop"], str):
+        values["stop"] = (values["stop"],)
+    return SamplingParams(**values)
+
+
+def read_requests(path: Path, args) -> tuple[list, list]:
+    """Prompts and sampling params from a JSONL file; errors name the line."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise ValueError(f"cannot read requests file {path}: {e.strerror}") from None
+    prompts, params = [], []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            req = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(req, dict):
+            raise ValueError(f"{where}: each line must be a JSON object, got {req!r}")
+        unknown = sorted(set(req) - set(REQUEST_KEYS))
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; allowed: {', '.join(REQUEST_KEYS)}")
+        given = [k for k in ("prompt", "prompt_token_ids", "messages") if k in req]
+        if len(given) != 1:
+            raise ValueError(f"{where}: give exactly one of prompt, prompt_token_ids, messages "
+                             f"(got {given or 'none'})")
+        prompt = req[given[0]]
+        ok = {"prompt": lambda p: isinstance(p, str),
+              "prompt_token_ids": lambda p: isinstance(p, list) and all(
+                  isinstance(t, int) and not isinstance(t, bool) for t in p),
+              "messages": lambda p: isinstance(p, list) and all(isinstance(m, dict) for m in p)}
+        if not ok[given[0]](prompt):
+            raise ValueError(f"{where}: {given[0]} has the wrong type: {prompt!r}")
+        try:
+            params.append(_sampling(args, {k: req[k] for k in _SAMPLING_KEYS if k in req}))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{where}: {e}") from None
+        prompts.append(prompt)
+    if not prompts:
+        raise ValueError(f"requests file {path} has no requests")
+    return prompts, params
+
+
+def cmd_generate(args) -> int:
+    from jlora.generate import generate
+    from jlora.loader import load_model
+    if args.requests and args.prompts:
+        raise ValueError("give prompts either as arguments or with --requests, not both")
+    if args.requests:
+        prompts, params = read_requests(args.requests, args)
+    elif args.prompts:
+        prompts, params = args.prompts, [_sampling(args)] * len(args.prompts)
+    else:
+        raise ValueError("nothing to generate: give a PROMPT or --requests FILE.jsonl")
+    model = load_model(args.model, args.dtype)
+    completions = generate(model, prompts, params, chat=not args.no_chat)
+    for i, c in enumerate(completions):
+        if args.json:
+            print(json.dumps({"index": i, "text": c.text, "token_ids": c.token_ids,
+                              "finish_reason": c.finish_reason,
+                              "prompt_tokens": len(c.prompt_token_ids)}, ensure_ascii=False))
+        else:
+            if len(completions) > 1:
+                print(f"--- request {i} ({c.finish_reason}) ---")
+            print(c.text)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from jlora.generate import generate
+    from jlora.loader import load_model
+    model = load_model(args.model, args.dtype)
+    if model.tokenizer is None or model.tokenizer.chat_template is None:
+        raise ValueError(f"model {args.model!r} has no chat template")
+    params = _sampling(args)
+    messages: list[dict] = []
+    print(f"Chatting with {model.source}. Empty line or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        reply = generate(model, [messages], params)[0].text
+        messages.append({"role": "assistant", "content": reply})
+        print(reply, flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"jlora: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The Llama-family forward pass as pure functions over a params pytree.
+
+Params hold weights as [in, out], so a projection is `x @ w`:
+    embed [V, D], final_norm [D], lm_head [D, V] (absent when the embeddings are tied), and
+    layers: a list of L dicts, one per layer, with
+        attn_norm [D], wq [D, H*E], wk [D, G*E], wv [D, G*E], bq [H*E], bk, bv [G*E] (Qwen2
+        only), wo [H*E, D], mlp_norm [D], w_gate [D, F], w_up [D, F], w_down [F, D].
+Layers stay separate arrays rather than one stacked array under `lax.scan`: XLA copied each
+stacked layer's slice before its matmul, a 3.3x slower decode step (REFERENCE.md §3).
+
+The KV cache is an explicit value passed in and returned (donate it under jit). Every token
+carries its absolute position; a position equal to the cache length marks a padding token,
+whose keys and values are dropped instead of written. A token attends to every cached
+position at or before its own, so prefill, chunked prefill and decode are one function.
+
+This module does not sample, tokenize, batch requests or read files.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora.config import ModelConfig
+
+Params = dict
+
+
+class KVCache(NamedTuple):
+    """Per-layer keys and values, each [B, G, S, E]."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+
+    @property
+    def length(self) -> int:
+        return self.k[0].shape[2]
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> KVCache:
+    shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)  # [B, G, S, E]
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))  # noqa: E731
+    return KVCache(zeros(), zeros())
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.bfloat16) -> Params:
+    """Random weights (normal, std 0.02; norms at 1) for shape presets and benchmarks."""
+    D, E, H, G, F = cfg.dim, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim
+    keys = iter(jax.random.split(key, 10 * cfg.n_layers + 2))
+    normal = lambda shape: (0.02 * jax.random.normal(next(keys), shape, jnp.float32)  # noqa: E731
+                            ).astype(dtype)
+    layers = []
+    for _ in range(cfg.n_layers):
+        layer = dict(attn_norm=jnp.ones((D,), dtype), wq=normal((D, H * E)),
+                     wk=normal((D, G * E)), wv=normal((D, G * E)), wo=normal((H * E, D)),
+                     mlp_norm=jnp.ones((D,), dtype), w_gate=normal((D, F)),
+                     w_up=normal((D, F)), w_down=normal((F, D)))
+        if cfg.qkv_bias:
+            layer.update(bq=normal((H * E,)), bk=normal((G * E,)), bv=normal((G * E,)))
+        layers.append(layer)
+    params = dict(embed=normal((cfg.vocab_size, D)), layers=layers,
+                  final_norm=jnp.ones((D,), dtype))
+    if not cfg.tie_embeddings:
+        params["lm_head"] = normal((D, cfg.vocab_size))
+    return params
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """The shape of every parameter, for validating loaded weights."""
+    D, E, H, G, F = cfg.dim, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim
+    layer = dict(attn_norm=(D,), wq=(D, H * E), wk=(D, G * E), wv=(D, G * E), wo=(H * E, D),
+                 mlp_norm=(D,), w_gate=(D, F), w_up=(D, F), w_down=(F, D))
+    if cfg.qkv_bias:
+        layer.update(bq=(H * E,), bk=(G * E,), bv=(G * E,))
+    shapes = dict(embed=(cfg.vocab_size, D), layers=[layer] * cfg.n_layers, final_norm=(D,))
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = (D, cfg.vocab_size)
+    return shapes
+
+
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [E/2] (float32), with Llama 3 or linear scaling applied."""
+    E = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, E, 2, dtype=np.float64) / E)
+    if cfg.rope_freq_factors is not None:
+        inv_freq = inv_freq / np.asarray(cfg.rope_freq_factors, np.float64)
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq.astype(np.float32)
+    if rs.kind == "linear":
+        return (inv_freq / rs.factor).astype(np.float32)
+    # llama3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    wavelen = 2 * np.pi / inv_freq
+    low_wavelen = rs.original_max_position / rs.low_freq_factor
+    high_wavelen = rs.original_max_position / rs.high_freq_factor
+    scaled = np.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+    smooth = ((rs.original_max_position / wavelen - rs.low_freq_factor)
+              / (rs.high_freq_factor - rs.low_freq_factor))
+    blended = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate x [B, T, N, E] by its tokens' positions [B, T] (the rotate-half layout of HF)."""
+    angles = positions[:, :, None].astype(jnp.float32) * inv_freq      # [B, T, E/2]
+    cos, sin = jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]  # [B, T, 1, E/2]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def write_kv(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """cache [B, G, S, E] with new [B, T, G, E] written at positions [B, T]; position S drops."""
+    rows = jnp.arange(cache.shape[0])[:, None]                          # [B, 1]
+    return cache.at[rows, :, positions, :].set(new, mode="drop")
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> jax.Array:
+    """Causal grouped-query attention of q [B, T, H, E] over the cache k, v [B, G, S, E]."""
+    B, T, H, E = q.shape
+    G, S = k.shape[1], k.shape[2]
+    q = q.reshape(B, T, G, H // G, E) * (E ** -0.5)                     # [B, T, G, R, E]
+    scores = jnp.einsum("btgre,bgse->bgrts", q, k,
+                        preferred_element_type=jnp.float32)            # [B, G, R, T, S]
+    visible = jnp.arange(S)[None, None, :] <= positions[:, :, None]     # [B, T, S]
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bgrts,bgse->btgre", probs, v)                     # [B, T, G, R, E]
+    return out.reshape(B, T, H * E)
+
+
+def attention(layer: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array,
+              inv_freq: jax.Array, k_cache: jax.Array, v_cache: jax.Array):
+    B, T, _ = x.shape
+    h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
+    q, k, v = h @ layer["wq"], h @ layer["wk"], h @ layer["wv"]
+    if cfg.qkv_bias:
+        q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
+    q = apply_rope(q.reshape(B, T, cfg.n_heads, cfg.head_dim), positions, inv_freq)
+    k = apply_rope(k.reshape(B, T, cfg.n_kv_heads, cfg.head_dim), positions, inv_freq)
+    v = v.reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+    k_cache = write_kv(k_cache, k.astype(k_cache.dtype), positions)
+    v_cache = write_kv(v_cache, v.astype(v_cache.dtype), positions)
+    out = attend(q, k_cache, v_cache, positions) @ layer["wo"]
+    return x + out, k_cache, v_cache
+
+
+def mlp(layer: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    h = rms_norm(x, layer["mlp_norm"], cfg.norm_eps)
+    return x + (jax.nn.silu(h @ layer["w_gate"]) * (h @ layer["w_up"])) @ layer["w_down"]
+
+
+def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
+            cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Run tokens [B, T] at positions [B, T] through all layers.
+
+    Returns the final-normed hidden states [B, T, D] and the cache with the tokens' K/V added.
+    """
+    inv_freq = jnp.asarray(rope_frequencies(cfg))
+    x = params["embed"][tokens]                                         # [B, T, D]
+    ks, vs = [], []
+    for layer, k_cache, v_cache in zip(params["layers"], cache.k, cache.v):
+        x, k_cache, v_cache = attention(layer, cfg, x, positions, inv_freq, k_cache, v_cache)
+        x = mlp(layer, cfg, x)
+        ks.append(k_cache)
+        vs.append(v_cache)
+    return rms_norm(x, params["final_norm"], cfg.norm_eps), KVCache(tuple(ks), tuple(vs))
+
+
+def logits(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
+    """Float32 logits [..., V] of final hidden states [..., D]."""
+    if cfg.tie_embeddings:
+        return jnp.einsum("...d,vd->...v", h, params["embed"],
+                          preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", h, params["lm_head"], preferred_element_type=jnp.float32)
+
+
+def full_logits(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """Logits [B, T, V] of whole sequences from position 0 (a fresh cache): the test oracle path."""
+    B, T = tokens.shape
+    cache = init_cache(cfg, B, T, params["embed"].dtype)
+    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    h, _ = forward(params, cfg, tokens, positions, cache)
+    return logits(params, cfg, h)

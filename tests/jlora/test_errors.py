@@ -1,0 +1,102 @@
+"""Bad input gets one clear error naming the value and what is allowed."""
+
+import json
+
+import gguf
+import pytest
+
+from jlora.loader import load_model
+from tests.helpers import make_hf_model, save_hf_model, write_gguf
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return make_hf_model("llama-gqa-untied")
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a model directory, a GGUF file"):
+        load_model(str(tmp_path / "nope"))
+
+
+def test_unknown_dtype():
+    with pytest.raises(ValueError, match="dtype 'float8' is not supported; supported: "
+                                         "float32, bfloat16"):
+        load_model("tiny", "float8")
+
+
+def test_corrupt_gguf(tmp_path):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(b"this is not a gguf file at all" * 10)
+    with pytest.raises(ValueError, match="bad.gguf is not a readable GGUF file"):
+        load_model(str(path))
+
+
+def test_truncated_gguf(hf, tmp_path):
+    path = write_gguf(hf, tmp_path / "m.gguf")
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(ValueError, match="m.gguf is not a readable GGUF file"):
+        load_model(str(path))
+
+
+def test_unsupported_gguf_architecture(hf, tmp_path):
+    path = write_gguf(hf, tmp_path / "m.gguf", arch="gpt2")
+    with pytest.raises(ValueError, match="GGUF architecture 'gpt2' is not supported; "
+                                         "supported: llama"):
+        load_model(str(path))
+
+
+def test_unsupported_quantization_type(hf, tmp_path):
+    path = write_gguf(hf, tmp_path / "m.gguf", qtype=gguf.GGMLQuantizationType.Q5_0)
+    with pytest.raises(ValueError, match=r"tensor '.*' has quantization type Q5_0, which is "
+                                         r"not supported; supported: F32, F16, BF16, Q8_0"):
+        load_model(str(path))
+
+
+def test_unsupported_hf_model_type(hf, tmp_path):
+    path = save_hf_model(hf, tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
+    with pytest.raises(ValueError, match="model_type 'gpt_neox' is not supported; supported: "
+                                         "llama, mistral, qwen2"):
+        load_model(str(path))
+
+
+def test_config_and_weights_disagree(hf, tmp_path):
+    path = save_hf_model(hf, tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
+    with pytest.raises(ValueError, match=r"tensor 'model.layers.0.mlp.gate_proj.weight' has "
+                                         r"shape \(64, 96\), but the model config implies "
+                                         r"\(64, 128\)"):
+        load_model(str(path))
+
+
+def test_corrupt_safetensors(hf, tmp_path):
+    path = save_hf_model(hf, tmp_path / "m")
+    (path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors"):
+        load_model(str(path))
+
+
+def test_pickled_weights_are_refused(hf, tmp_path):
+    path = save_hf_model(hf, tmp_path / "m")
+    (path / "model.safetensors").rename(path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="pickled PyTorch checkpoints are not loaded"):
+        load_model(str(path))
+
+
+def test_missing_config(hf, tmp_path):
+    path = save_hf_model(hf, tmp_path / "m")
+    (path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json does not exist"):
+        load_model(str(path))
+
+
+def test_unsupported_rope_scaling(hf, tmp_path):
+    path = save_hf_model(hf, tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="rope scaling type 'yarn' is not supported"):
+        load_model(str(path))

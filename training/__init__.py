@@ -1,0 +1,4 @@
+"""Fine-tuning LoRA, DoRA and Tied-LoRA adapters with Flax NNX and optax.
+
+Empty until the fine-tuning issue lands.
+"""
