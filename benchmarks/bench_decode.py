@@ -105,6 +105,32 @@ def bench_batch(params, cfg, batch: int, context: int, dtype, steps: int, reps: 
                 achieved_gbps=(weight_bytes + kv_bytes) / step_s / 1e9, compile_s=compile_s)
 
 
+def profile_kernels(params, cfg, batch: int, context: int, dtype, steps: int = 5, top: int = 25):
+    """Print the GPU kernels of `steps` decode steps, by time per step (CUPTI via torch)."""
+    from torch.profiler import ProfilerActivity, profile
+    cache = random_cache(cfg, batch, context, dtype, jax.random.key(7))
+    sampling = jax.device_put(make_sampling_arrays(
+        [SamplingParams()] * batch, np.stack([seed_key(i) for i in range(batch)]),
+        [0] * batch, batch))
+    tokens = jnp.zeros((batch,), jnp.int32) + 3
+    positions = jnp.full((batch,), context - 1, jnp.int32)
+    for _ in range(2):
+        tokens, _, cache = decode_step(params, cache, tokens, positions, sampling, cfg=cfg)
+    tokens.block_until_ready()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            tokens, _, cache = decode_step(params, cache, tokens, positions, sampling, cfg=cfg)
+        tokens.block_until_ready()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in events) / steps
+    print(f"-- kernels of one decode step, batch {batch}, context {context}: "
+          f"{total / 1e3:.3f} ms of kernel time, "
+          f"{sum(e.count for e in events) / steps:.0f} launches")
+    for e in events[:top]:
+        print(f"{e.device_time_total / steps:9.1f} us {e.count / steps:6.1f}x  {e.key[:110]}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama2-7b", help="a shape preset")
@@ -113,12 +139,14 @@ def main():
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
     ap.add_argument("--reps", type=int, default=25, help="timed repeats (median taken)")
+    ap.add_argument("--profile", type=int, nargs="*", default=[],
+                    help="batch sizes whose kernels to list (needs torch with CUDA)")
     args = ap.parse_args()
 
     dtype = jnp.dtype(args.dtype)
     cfg = preset(args.model)
     ceiling, method = copy_bandwidth()
-    params = jax.jit(init_params, static_argnums=(0, 2))(cfg, jax.random.key(0), dtype)
+    params = init_params(cfg, jax.random.key(0), dtype)
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
           f"model {cfg.name} ({cfg.n_params / 1e9:.2f} B params, {args.dtype})")
@@ -135,6 +163,11 @@ def main():
               f"KV {r['kv_gb']:.2f} GB  {r['achieved_gbps']:6.0f} GB/s = "
               f"{r['pct_of_ceiling']:.1f}% of ceiling  (compile {r['compile_s']:.1f} s)",
               flush=True)
+    for b in args.profile:
+        try:
+            profile_kernels(params, cfg, b, args.context, dtype)
+        except Exception as e:  # profiling is a diagnostic; never lose the timings to it
+            print(f"-- profile of batch {b} failed: {type(e).__name__}: {e}")
     print(json.dumps(dict(bench="decode_step", device=device.device_kind, jax=jax.__version__,
                           model=cfg.name, dtype=args.dtype, ceiling_gbps=ceiling / 1e9,
                           ceiling_method=method, results=rows)))

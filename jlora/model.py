@@ -3,8 +3,11 @@
 Params hold weights as [in, out], so a projection is `x @ w`:
     embed [V, D], final_norm [D], lm_head [D, V] (absent when the embeddings are tied), and
     layers: a list of L dicts, one per layer, with
-        attn_norm [D], wq [D, H*E], wk [D, G*E], wv [D, G*E], bq [H*E], bk, bv [G*E] (Qwen2
-        only), wo [H*E, D], mlp_norm [D], w_gate [D, F], w_up [D, F], w_down [F, D].
+        attn_norm [D], wqkv [D, (H+2G)*E] (q, k and v side by side), bqkv [(H+2G)*E] (Qwen2
+        only), wo [H*E, D], mlp_norm [D], w_gate_up [D, 2F] (gate then up), w_down [F, D].
+Checkpoints keep q, k, v, gate and up apart (`layer_shapes` names them); `pack_layer` joins
+them, so that a decode step runs four weight matmuls per layer instead of seven: each one
+streams more bytes per launch, which is what a memory-bound step is made of.
 Layers stay separate arrays rather than one stacked array under `lax.scan`: XLA copied each
 stacked layer's slice before its matmul, a 3.3x slower decode step (REFERENCE.md §3).
 
@@ -46,39 +49,40 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> KVCache:
     return KVCache(zeros(), zeros())
 
 
+def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of each per-layer tensor as checkpoints store them ([in, out] here)."""
+    D, E, H, G, F = cfg.dim, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim
+    shapes = dict(attn_norm=(D,), wq=(D, H * E), wk=(D, G * E), wv=(D, G * E), wo=(H * E, D),
+                  mlp_norm=(D,), w_gate=(D, F), w_up=(D, F), w_down=(F, D))
+    if cfg.qkv_bias:
+        shapes.update(bq=(H * E,), bk=(G * E,), bv=(G * E,))
+    return shapes
+
+
+def pack_layer(t: dict, concat=np.concatenate) -> dict:
+    """One layer's params from its separate checkpoint tensors (see the module docstring)."""
+    layer = dict(attn_norm=t["attn_norm"], wqkv=concat([t["wq"], t["wk"], t["wv"]], axis=-1),
+                 wo=t["wo"], mlp_norm=t["mlp_norm"],
+                 w_gate_up=concat([t["w_gate"], t["w_up"]], axis=-1), w_down=t["w_down"])
+    if "bq" in t:
+        layer["bqkv"] = concat([t["bq"], t["bk"], t["bv"]], axis=-1)
+    return layer
+
+
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.bfloat16) -> Params:
     """Random weights (normal, std 0.02; norms at 1) for shape presets and benchmarks."""
-    D, E, H, G, F = cfg.dim, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim
-    keys = iter(jax.random.split(key, 10 * cfg.n_layers + 2))
+    keys = iter(jax.random.split(key, len(layer_shapes(cfg)) * cfg.n_layers + 2))
     normal = lambda shape: (0.02 * jax.random.normal(next(keys), shape, jnp.float32)  # noqa: E731
                             ).astype(dtype)
-    layers = []
-    for _ in range(cfg.n_layers):
-        layer = dict(attn_norm=jnp.ones((D,), dtype), wq=normal((D, H * E)),
-                     wk=normal((D, G * E)), wv=normal((D, G * E)), wo=normal((H * E, D)),
-                     mlp_norm=jnp.ones((D,), dtype), w_gate=normal((D, F)),
-                     w_up=normal((D, F)), w_down=normal((F, D)))
-        if cfg.qkv_bias:
-            layer.update(bq=normal((H * E,)), bk=normal((G * E,)), bv=normal((G * E,)))
-        layers.append(layer)
-    params = dict(embed=normal((cfg.vocab_size, D)), layers=layers,
-                  final_norm=jnp.ones((D,), dtype))
+    layers = [pack_layer({name: jnp.ones(shape, dtype) if name.endswith("norm") else
+                          normal(shape) for name, shape in layer_shapes(cfg).items()},
+                         concat=jnp.concatenate)
+              for _ in range(cfg.n_layers)]
+    params = dict(embed=normal((cfg.vocab_size, cfg.dim)), layers=layers,
+                  final_norm=jnp.ones((cfg.dim,), dtype))
     if not cfg.tie_embeddings:
-        params["lm_head"] = normal((D, cfg.vocab_size))
+        params["lm_head"] = normal((cfg.dim, cfg.vocab_size))
     return params
-
-
-def param_shapes(cfg: ModelConfig) -> dict:
-    """The shape of every parameter, for validating loaded weights."""
-    D, E, H, G, F = cfg.dim, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim
-    layer = dict(attn_norm=(D,), wq=(D, H * E), wk=(D, G * E), wv=(D, G * E), wo=(H * E, D),
-                 mlp_norm=(D,), w_gate=(D, F), w_up=(D, F), w_down=(F, D))
-    if cfg.qkv_bias:
-        layer.update(bq=(H * E,), bk=(G * E,), bv=(G * E,))
-    shapes = dict(embed=(cfg.vocab_size, D), layers=[layer] * cfg.n_layers, final_norm=(D,))
-    if not cfg.tie_embeddings:
-        shapes["lm_head"] = (D, cfg.vocab_size)
-    return shapes
 
 
 def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
@@ -141,13 +145,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> ja
 def attention(layer: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array,
               inv_freq: jax.Array, k_cache: jax.Array, v_cache: jax.Array):
     B, T, _ = x.shape
+    H, G, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
-    q, k, v = h @ layer["wq"], h @ layer["wk"], h @ layer["wv"]
+    qkv = h @ layer["wqkv"]                                             # [B, T, (H+2G)*E]
     if cfg.qkv_bias:
-        q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
-    q = apply_rope(q.reshape(B, T, cfg.n_heads, cfg.head_dim), positions, inv_freq)
-    k = apply_rope(k.reshape(B, T, cfg.n_kv_heads, cfg.head_dim), positions, inv_freq)
-    v = v.reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+        qkv = qkv + layer["bqkv"]
+    q, k, v = jnp.split(qkv, [H * E, (H + G) * E], axis=-1)
+    q = apply_rope(q.reshape(B, T, H, E), positions, inv_freq)
+    k = apply_rope(k.reshape(B, T, G, E), positions, inv_freq)
+    v = v.reshape(B, T, G, E)
     k_cache = write_kv(k_cache, k.astype(k_cache.dtype), positions)
     v_cache = write_kv(v_cache, v.astype(v_cache.dtype), positions)
     out = attend(q, k_cache, v_cache, positions) @ layer["wo"]
@@ -156,7 +162,8 @@ def attention(layer: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array,
 
 def mlp(layer: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     h = rms_norm(x, layer["mlp_norm"], cfg.norm_eps)
-    return x + (jax.nn.silu(h @ layer["w_gate"]) * (h @ layer["w_up"])) @ layer["w_down"]
+    gate, up = jnp.split(h @ layer["w_gate_up"], 2, axis=-1)           # [B, T, F] each
+    return x + (jax.nn.silu(gate) * up) @ layer["w_down"]
 
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,

@@ -15,7 +15,7 @@ import numpy as np
 
 from jlora.config import ModelConfig, RopeScaling
 from jlora.formats.checks import check_shape
-from jlora.model import param_shapes
+from jlora.model import layer_shapes, pack_layer
 
 Q = gguf.GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1)
@@ -104,16 +104,16 @@ def load_gguf(path: str | Path) -> tuple[ModelConfig, dict, dict]:
         check_shape(w, shape, f"{path}: tensor {key!r}")
         return np.ascontiguousarray(w)
 
-    shapes = param_shapes(cfg)
+    D, V = cfg.dim, cfg.vocab_size
     heads = {"wq": cfg.n_heads, "wk": cfg.n_kv_heads}
-    layers = [{k: take(f"blk.{i}.{_LAYER_NAMES[k]}.weight", shape, transpose=len(shape) == 2,
-                       heads=heads.get(k, 0))
-               for k, shape in layer_shapes.items()}
-              for i, layer_shapes in enumerate(shapes["layers"])]
-    params = dict(embed=take("token_embd.weight", shapes["embed"]), layers=layers,
-                  final_norm=take("output_norm.weight", shapes["final_norm"]))
+    layers = [pack_layer({k: take(f"blk.{i}.{_LAYER_NAMES[k]}.weight", shape,
+                                  transpose=len(shape) == 2, heads=heads.get(k, 0))
+                          for k, shape in layer_shapes(cfg).items()})
+              for i in range(cfg.n_layers)]
+    params = dict(embed=take("token_embd.weight", (V, D)), layers=layers,
+                  final_norm=take("output_norm.weight", (D,)))
     if not cfg.tie_embeddings:
-        params["lm_head"] = take("output.weight", shapes["lm_head"], transpose=True)
+        params["lm_head"] = take("output.weight", (D, V), transpose=True)
     return cfg, params, meta
 
 

@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from jlora.config import ModelConfig, RopeScaling
 from jlora.formats.checks import check_shape
-from jlora.model import param_shapes
+from jlora.model import layer_shapes, pack_layer
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _HF_LAYER_NAMES = {  # jlora name -> (HF suffix under model.layers.N, transposed)
@@ -132,14 +132,13 @@ def load_hf_dir(path: str | Path) -> tuple[ModelConfig, dict]:
         check_shape(w, shape, f"{path}: tensor {key!r}")
         return np.ascontiguousarray(w)
 
-    shapes = param_shapes(cfg)
-    layers = []
-    for i, layer_shapes in enumerate(shapes["layers"]):
-        layers.append({name: take(f"model.layers.{i}.{_HF_LAYER_NAMES[name][0]}", shape,
-                                  _HF_LAYER_NAMES[name][1])
-                       for name, shape in layer_shapes.items()})
-    params = dict(embed=take("model.embed_tokens.weight", shapes["embed"]), layers=layers,
-                  final_norm=take("model.norm.weight", shapes["final_norm"]))
+    D, V = cfg.dim, cfg.vocab_size
+    layers = [pack_layer({name: take(f"model.layers.{i}.{_HF_LAYER_NAMES[name][0]}", shape,
+                                     _HF_LAYER_NAMES[name][1])
+                          for name, shape in layer_shapes(cfg).items()})
+              for i in range(cfg.n_layers)]
+    params = dict(embed=take("model.embed_tokens.weight", (V, D)), layers=layers,
+                  final_norm=take("model.norm.weight", (D,)))
     if not cfg.tie_embeddings:
-        params["lm_head"] = take("lm_head.weight", shapes["lm_head"], transpose=True)
+        params["lm_head"] = take("lm_head.weight", (D, V), transpose=True)
     return cfg, params

@@ -46,8 +46,8 @@ def test_sharded_checkpoint_is_read(tmp_path):
     path = save_hf_model(hf, tmp_path / "m", shard=True)
     assert len(list(path.glob("*.safetensors"))) > 1  # the test really reads several shards
     cfg, params = load_hf_dir(path)
-    np.testing.assert_array_equal(params["layers"][1]["wq"],
-                                  hf.model.layers[1].self_attn.q_proj.weight.detach().numpy().T)
+    wq = params["layers"][1]["wqkv"][:, :cfg.n_heads * cfg.head_dim]
+    np.testing.assert_array_equal(wq, hf.model.layers[1].self_attn.q_proj.weight.detach().numpy().T)
 
 
 @pytest.mark.parametrize("variant", ["llama-llama3-rope", "llama-linear-rope"])
