@@ -27,6 +27,7 @@ from jlora.config import preset
 from jlora.generate import decode_step
 from jlora.model import KVCache, init_params
 from jlora.sampling import SamplingParams, make_sampling_arrays, seed_key
+from pallas_kernels import default_impl
 
 
 def copy_bandwidth(nbytes: int = 4 << 30, reps: int = 20) -> tuple[float, str]:
@@ -71,7 +72,8 @@ def random_cache(cfg, batch, length, dtype, key) -> KVCache:
                    tuple(make(keys[cfg.n_layers + i]) for i in range(cfg.n_layers)))
 
 
-def bench_batch(params, cfg, batch: int, context: int, dtype, steps: int, reps: int) -> dict:
+def bench_batch(params, cfg, batch: int, context: int, dtype, steps: int, reps: int,
+                impl: str) -> dict:
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     if not cfg.tie_embeddings:  # only `batch` rows of the embedding table are read
         weight_bytes -= params["embed"].nbytes
@@ -85,27 +87,31 @@ def bench_batch(params, cfg, batch: int, context: int, dtype, steps: int, reps: 
     positions = jnp.full((batch,), context - 1, jnp.int32)  # attend over the whole context
 
     t = time.perf_counter()
-    tokens, _, cache = decode_step(params, cache, tokens, positions, sampling, cfg=cfg)
+    tokens, _, cache = decode_step(params, cache, tokens, positions, sampling, cfg=cfg,
+                                   impl=impl)
     tokens.block_until_ready()
     compile_s = time.perf_counter() - t
     for _ in range(3):
-        tokens, _, cache = decode_step(params, cache, tokens, positions, sampling, cfg=cfg)
+        tokens, _, cache = decode_step(params, cache, tokens, positions, sampling, cfg=cfg,
+                                   impl=impl)
     tokens.block_until_ready()
     per_step = []
     for _ in range(reps):
         t = time.perf_counter()
         for _ in range(steps):
-            tokens, _, cache = decode_step(params, cache, tokens, positions, sampling, cfg=cfg)
+            tokens, _, cache = decode_step(params, cache, tokens, positions, sampling, cfg=cfg,
+                                   impl=impl)
         tokens.block_until_ready()
         per_step.append((time.perf_counter() - t) / steps)
     step_s = statistics.median(per_step)
-    return dict(batch=batch, context=context, step_ms=step_s * 1e3,
+    return dict(impl=impl, batch=batch, context=context, step_ms=step_s * 1e3,
                 spread_ms=(max(per_step) - min(per_step)) * 1e3, tokens_per_s=batch / step_s,
                 weight_gb=weight_bytes / 1e9, kv_gb=kv_bytes / 1e9,
                 achieved_gbps=(weight_bytes + kv_bytes) / step_s / 1e9, compile_s=compile_s)
 
 
-def profile_kernels(params, cfg, batch: int, context: int, dtype, steps: int = 5, top: int = 25):
+def profile_kernels(params, cfg, batch: int, context: int, dtype, impl: str, steps: int = 5,
+                    top: int = 25):
     """Print the GPU kernels of `steps` decode steps, by time per step (CUPTI via torch)."""
     from torch.profiler import ProfilerActivity, profile
     cache = random_cache(cfg, batch, context, dtype, jax.random.key(7))
@@ -115,16 +121,18 @@ def profile_kernels(params, cfg, batch: int, context: int, dtype, steps: int = 5
     tokens = jnp.zeros((batch,), jnp.int32) + 3
     positions = jnp.full((batch,), context - 1, jnp.int32)
     for _ in range(2):
-        tokens, _, cache = decode_step(params, cache, tokens, positions, sampling, cfg=cfg)
+        tokens, _, cache = decode_step(params, cache, tokens, positions, sampling, cfg=cfg,
+                                   impl=impl)
     tokens.block_until_ready()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            tokens, _, cache = decode_step(params, cache, tokens, positions, sampling, cfg=cfg)
+            tokens, _, cache = decode_step(params, cache, tokens, positions, sampling, cfg=cfg,
+                                   impl=impl)
         tokens.block_until_ready()
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     events.sort(key=lambda e: -e.device_time_total)
     total = sum(e.device_time_total for e in events) / steps
-    print(f"-- kernels of one decode step, batch {batch}, context {context}: "
+    print(f"-- kernels of one {impl} decode step, batch {batch}, context {context}: "
           f"{total / 1e3:.3f} ms of kernel time, "
           f"{sum(e.count for e in events) / steps:.0f} launches")
     for e in events[:top]:
@@ -139,6 +147,8 @@ def main():
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
     ap.add_argument("--reps", type=int, default=25, help="timed repeats (median taken)")
+    ap.add_argument("--impl", nargs="+", default=[default_impl()], choices=["pallas", "xla"],
+                    help="decode attention implementations to time (default: pallas on GPU)")
     ap.add_argument("--profile", type=int, nargs="*", default=[],
                     help="batch sizes whose kernels to list (needs torch with CUDA)")
     args = ap.parse_args()
@@ -152,12 +162,12 @@ def main():
           f"model {cfg.name} ({cfg.n_params / 1e9:.2f} B params, {args.dtype})")
     print(f"copy ceiling: {ceiling / 1e9:.0f} GB/s ({method}, read + write counted)")
     rows = []
-    for b in args.batch:
-        r = bench_batch(params, cfg, b, args.context, dtype, args.steps, args.reps)
+    for impl, b in [(impl, b) for impl in args.impl for b in args.batch]:
+        r = bench_batch(params, cfg, b, args.context, dtype, args.steps, args.reps, impl)
         r["pct_of_ceiling"] = 100 * r["achieved_gbps"] * 1e9 / ceiling
         r["floor_ms"] = (r["weight_gb"] + r["kv_gb"]) * 1e9 / ceiling * 1e3
         rows.append(r)
-        print(f"batch {b:3d}  ctx {args.context}  step {r['step_ms']:7.3f} ms "
+        print(f"{impl:6s} batch {b:3d}  ctx {args.context}  step {r['step_ms']:7.3f} ms "
               f"(spread {r['spread_ms']:.3f})  floor {r['floor_ms']:.3f} ms  "
               f"{r['tokens_per_s']:8.0f} tok/s  weights {r['weight_gb']:.2f} GB + "
               f"KV {r['kv_gb']:.2f} GB  {r['achieved_gbps']:6.0f} GB/s = "
@@ -165,7 +175,7 @@ def main():
               flush=True)
     for b in args.profile:
         try:
-            profile_kernels(params, cfg, b, args.context, dtype)
+            profile_kernels(params, cfg, b, args.context, dtype, args.impl[0])
         except Exception as e:  # profiling is a diagnostic; never lose the timings to it
             print(f"-- profile of batch {b} failed: {type(e).__name__}: {e}")
     print(json.dumps(dict(bench="decode_step", device=device.device_kind, jax=jax.__version__,

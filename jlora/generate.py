@@ -24,6 +24,7 @@ from jlora.loader import Model
 from jlora.model import KVCache, Params, forward, init_cache, logits
 from jlora.sampling import SamplingArrays, SamplingParams, make_sampling_arrays, sample, seed_key
 from jlora.tokenizer import IncrementalDecoder
+from pallas_kernels import default_impl
 
 Prompt = str | Sequence[int] | Sequence[dict]   # text, token ids, or chat messages
 
@@ -37,24 +38,24 @@ class Completion:
     logprobs: list[float] = field(default_factory=list)
 
 
-@functools.partial(jax.jit, static_argnames="cfg", donate_argnames="cache")
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames="cache")
 def prefill_step(params: Params, cache: KVCache, tokens: jax.Array, lengths: jax.Array,
-                 sampling: SamplingArrays, *, cfg: ModelConfig):
+                 sampling: SamplingArrays, *, cfg: ModelConfig, impl: str = "xla"):
     """Prefill right-padded prompts tokens [B, T] of lengths [B]; sample each row's next token."""
     B, T = tokens.shape
     steps = jnp.arange(T)[None, :]
     positions = jnp.where(steps < lengths[:, None], steps, cache.length)  # padding: dropped
-    h, cache = forward(params, cfg, tokens, positions, cache)
+    h, cache = forward(params, cfg, tokens, positions, cache, impl)
     last = h[jnp.arange(B), jnp.maximum(lengths - 1, 0)]               # [B, D]
     next_tokens, logprobs = sample(logits(params, cfg, last), sampling)
     return next_tokens, logprobs, cache
 
 
-@functools.partial(jax.jit, static_argnames="cfg", donate_argnames="cache")
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames="cache")
 def decode_step(params: Params, cache: KVCache, tokens: jax.Array, positions: jax.Array,
-                sampling: SamplingArrays, *, cfg: ModelConfig):
+                sampling: SamplingArrays, *, cfg: ModelConfig, impl: str = "xla"):
     """One token per row: tokens [B] at positions [B] (cache length = inactive row)."""
-    h, cache = forward(params, cfg, tokens[:, None], positions[:, None], cache)
+    h, cache = forward(params, cfg, tokens[:, None], positions[:, None], cache, impl)
     next_tokens, logprobs = sample(logits(params, cfg, h[:, 0]), sampling)
     return next_tokens, logprobs, cache
 
@@ -87,8 +88,11 @@ def encode_prompt(model: Model, prompt: Prompt, chat: bool) -> list[int]:
 
 def generate(model: Model, prompts: Sequence[Prompt],
              params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
-             chat: bool = True) -> list[Completion]:
-    """Generate a completion for each prompt, all in one batch."""
+             chat: bool = True, impl: str | None = None) -> list[Completion]:
+    """Generate a completion for each prompt, all in one batch.
+
+    `impl` picks the kernels: "pallas" (GPU) or "xla"; by default Pallas on a GPU.
+    """
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
     if len(params) != len(prompts):
@@ -105,11 +109,11 @@ def generate(model: Model, prompts: Sequence[Prompt],
                              f"of {cfg.max_seq_len} tokens")
         if params[i].stop and model.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
-    return _run(model, prompt_ids, list(params))
+    return _run(model, prompt_ids, list(params), impl or default_impl())
 
 
-def _run(model: Model, prompt_ids: list[list[int]],
-         params: list[SamplingParams]) -> list[Completion]:
+def _run(model: Model, prompt_ids: list[list[int]], params: list[SamplingParams],
+         impl: str) -> list[Completion]:
     cfg, n = model.config, len(prompt_ids)
     lengths = np.array([len(p) for p in prompt_ids], np.int32)
     B = bucket(n)
@@ -125,7 +129,7 @@ def _run(model: Model, prompt_ids: list[list[int]],
     cache = init_cache(cfg, B, S, model.dtype)
     sampling = make_sampling_arrays(params, keys, [0] * n, B)
     next_tokens, logprobs, cache = prefill_step(model.params, cache, tokens, padded_lengths,
-                                                sampling, cfg=cfg)
+                                                sampling, cfg=cfg, impl=impl)
     rows = [_Row(model, prompt_ids[i], params[i]) for i in range(n)]
     while True:
         toks, lps = np.asarray(next_tokens), np.asarray(logprobs)
@@ -143,7 +147,7 @@ def _run(model: Model, prompt_ids: list[list[int]],
                 feed[i] = row.ids[-1]
         sampling = make_sampling_arrays(params, keys, [len(r.ids) for r in rows], B)
         next_tokens, logprobs, cache = decode_step(model.params, cache, feed, positions,
-                                                   sampling, cfg=cfg)
+                                                   sampling, cfg=cfg, impl=impl)
     return [row.completion() for row in rows]
 
 

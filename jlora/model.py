@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.config import ModelConfig
+from pallas_kernels.decode_attention import decode_attention
 
 Params = dict
 
@@ -143,7 +144,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> ja
 
 
 def attention(layer: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array,
-              inv_freq: jax.Array, k_cache: jax.Array, v_cache: jax.Array):
+              inv_freq: jax.Array, k_cache: jax.Array, v_cache: jax.Array, impl: str):
     B, T, _ = x.shape
     H, G, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
@@ -156,8 +157,11 @@ def attention(layer: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array,
     v = v.reshape(B, T, G, E)
     k_cache = write_kv(k_cache, k.astype(k_cache.dtype), positions)
     v_cache = write_kv(v_cache, v.astype(v_cache.dtype), positions)
-    out = attend(q, k_cache, v_cache, positions) @ layer["wo"]
-    return x + out, k_cache, v_cache
+    if T == 1:  # decode: the kernel reads each sequence's cache once
+        out = decode_attention(q[:, 0], k_cache, v_cache, positions[:, 0] + 1, impl=impl)
+    else:
+        out = attend(q, k_cache, v_cache, positions)
+    return x + out.reshape(B, T, H * E) @ layer["wo"], k_cache, v_cache
 
 
 def mlp(layer: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
@@ -167,8 +171,10 @@ def mlp(layer: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
 
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
-            cache: KVCache) -> tuple[jax.Array, KVCache]:
+            cache: KVCache, impl: str = "xla") -> tuple[jax.Array, KVCache]:
     """Run tokens [B, T] at positions [B, T] through all layers.
+
+    `impl` picks the decode attention: "pallas" (the GPU kernel) or "xla" (the CPU path).
 
     Returns the final-normed hidden states [B, T, D] and the cache with the tokens' K/V added.
     """
@@ -176,7 +182,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
     x = params["embed"][tokens]                                         # [B, T, D]
     ks, vs = [], []
     for layer, k_cache, v_cache in zip(params["layers"], cache.k, cache.v):
-        x, k_cache, v_cache = attention(layer, cfg, x, positions, inv_freq, k_cache, v_cache)
+        x, k_cache, v_cache = attention(layer, cfg, x, positions, inv_freq, k_cache, v_cache,
+                                        impl)
         x = mlp(layer, cfg, x)
         ks.append(k_cache)
         vs.append(v_cache)

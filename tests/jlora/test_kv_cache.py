@@ -8,7 +8,7 @@ import pytest
 from jlora.config import preset
 from jlora import model
 
-forward = jax.jit(model.forward, static_argnums=1)
+forward = jax.jit(model.forward, static_argnums=(1, 5))
 full_logits = jax.jit(model.full_logits, static_argnums=1)
 logits = jax.jit(model.logits, static_argnums=1)
 init_cache, init_params = model.init_cache, model.init_params
@@ -61,3 +61,17 @@ def test_decode_of_an_inactive_row_leaves_its_cache_alone(params):
     cache = init_cache(CFG, 2, S, jnp.float32)
     _, cache = forward(params, CFG, jnp.array([[5], [7]]), jnp.array([[0], [S]]), cache)
     assert np.asarray(cache.k[1][0]).any() and not np.asarray(cache.k[1][1]).any()
+
+
+def test_decode_with_the_pallas_kernel_equals_xla(params):
+    """The model's decode path through the attention kernel (interpret mode on the CPU)."""
+    B, S = 3, 48
+    tokens = jax.random.randint(jax.random.key(5), (B, 20), 0, CFG.vocab_size)
+    caches = {}
+    for impl in ("xla", "pallas"):
+        cache = init_cache(CFG, B, S, jnp.float32)
+        pos = jnp.broadcast_to(jnp.arange(19), (B, 19))
+        _, cache = forward(params, CFG, tokens[:, :19], pos, cache, impl)
+        h, _ = forward(params, CFG, tokens[:, 19:], jnp.array([[19], [5], [S]]), cache, impl)
+        caches[impl] = logits(params, CFG, h)
+    np.testing.assert_allclose(caches["pallas"][:2], caches["xla"][:2], atol=1e-4, rtol=1e-4)
