@@ -27,6 +27,7 @@ CONFIGS = {
     "bs64w4s3": DecodeAttentionBlocks(block_s=64, num_warps=4, num_stages=3),
     "bs64w4s4": DecodeAttentionBlocks(block_s=64, num_warps=4, num_stages=4),
     "bs128w4s3": DecodeAttentionBlocks(block_s=128, num_warps=4, num_stages=3),
+    "bs128w4s4": DecodeAttentionBlocks(block_s=128, num_warps=4, num_stages=4),
     "bs128w8s3": DecodeAttentionBlocks(block_s=128, num_warps=8, num_stages=3),
 }
 

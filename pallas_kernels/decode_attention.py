@@ -28,18 +28,21 @@ IMPLS = ("pallas", "xla")
 _MIN_ROWS = 16          # tensor-core products need >= 16 rows
 _TARGET_PROGRAMS = 1024  # split positions until about this many programs run
 _NEG = -1e30            # finite "minus infinity": exp(_NEG - m) is 0 without NaNs
+# float32 inputs get IEEE float32 products rather than TF32 (bf16 inputs are unaffected).
+_HIGHEST = lax.Precision.HIGHEST
 
 
 @dataclass(frozen=True)
 class DecodeAttentionBlocks:
     block_s: int = 64       # cache positions per loop step
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 4     # best of those tried on an H200 (benchmarks/RESULTS.md)
 
 
-def _kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_s: int,
+def _kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, *stats_refs, block_s: int,
             split_len: int, scale: float):
-    # q_ref [Rp, E]; k_ref, v_ref [S, E]; o_ref [Rp, E]; m_ref, l_ref [Rp]
+    # q_ref [Rp, E]; k_ref, v_ref [S, E]; o_ref [Rp, E]; stats_refs: m_ref, l_ref [Rp] when
+    # the positions are split (o is then unnormalized), none when one program sees them all.
     b, split = pl.program_id(0), pl.program_id(2)
     start = split * split_len
     end = jnp.minimum(start + split_len, lengths_ref[b])
@@ -52,12 +55,13 @@ def _kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_s: i
         valid = s0 + jnp.arange(block_s) < end                          # [BS]
         k = pltriton.load(k_ref.at[pl.ds(s0, block_s), :], mask=valid[:, None], other=0.0)
         v = pltriton.load(v_ref.at[pl.ds(s0, block_s), :], mask=valid[:, None], other=0.0)
-        scores = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale   # [Rp, BS]
+        scores = jnp.dot(q, k.T, precision=_HIGHEST,
+                         preferred_element_type=jnp.float32) * scale           # [Rp, BS]
         scores = jnp.where(valid[None, :], scores, _NEG)
         m_new = jnp.maximum(m, scores.max(axis=1))
         p = jnp.exp(scores - m_new[:, None])
         alpha = jnp.exp(m - m_new)
-        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v,
+        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, precision=_HIGHEST,
                                              preferred_element_type=jnp.float32)
         return acc, m_new, l * alpha + p.sum(axis=1)
 
@@ -65,6 +69,10 @@ def _kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_s: i
     init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), _NEG, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
     acc, m, l = lax.fori_loop(0, n_blocks, body, init)
+    if not stats_refs:
+        o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+        return
+    m_ref, l_ref = stats_refs
     o_ref[...] = acc
     m_ref[...] = m
     l_ref[...] = l
@@ -96,11 +104,11 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
     """Attention of one query per sequence over its cached keys and values.
 
     q [B, H, E]; k, v [B, G, S, E] with H a multiple of G; lengths [B] int32, the number of
-    cache positions each sequence attends to (positions >= lengths[b] are ignored; a length
-    above S is clamped to S). Returns [B, H, E] in q's dtype.
+    cache positions each sequence attends to, clamped to [1, S] (positions >= lengths[b]
+    are ignored). Returns [B, H, E] in q's dtype.
     """
     _check(q, k, v, lengths, impl)
-    lengths = jnp.clip(lengths.astype(jnp.int32), 0, k.shape[2])
+    lengths = jnp.clip(lengths.astype(jnp.int32), 1, k.shape[2])
     if impl == "xla":
         return decode_attention_reference(q, k, v, lengths)
     (B, H, E), (_, G, S, _) = q.shape, k.shape
@@ -111,27 +119,35 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
     split_len = pl.cdiv(pl.cdiv(S, n_splits), blocks.block_s) * blocks.block_s
     kernel = functools.partial(_kernel, block_s=blocks.block_s, split_len=split_len,
                                scale=E ** -0.5)
-    out_shape = [jax.ShapeDtypeStruct((B, G, n_splits, rows, E), jnp.float32),
-                 jax.ShapeDtypeStruct((B, G, n_splits, rows), jnp.float32),
-                 jax.ShapeDtypeStruct((B, G, n_splits, rows), jnp.float32)]
-    acc, m, l = pl.pallas_call(
+    if n_splits == 1:  # the kernel normalizes and writes q's dtype: no combine step
+        out_shape = [jax.ShapeDtypeStruct((B, G, rows, E), q.dtype)]
+        out_specs = [pl.BlockSpec((None, None, rows, E), lambda b, g, s: (b, g, 0, 0))]
+    else:
+        out_shape = [jax.ShapeDtypeStruct((B, G, n_splits, rows, E), jnp.float32),
+                     jax.ShapeDtypeStruct((B, G, n_splits, rows), jnp.float32),
+                     jax.ShapeDtypeStruct((B, G, n_splits, rows), jnp.float32)]
+        out_specs = [pl.BlockSpec((None, None, None, rows, E), lambda b, g, s: (b, g, s, 0, 0)),
+                     pl.BlockSpec((None, None, None, rows), lambda b, g, s: (b, g, s, 0)),
+                     pl.BlockSpec((None, None, None, rows), lambda b, g, s: (b, g, s, 0))]
+    outs = pl.pallas_call(
         kernel,
         grid=(B, G, n_splits),
         in_specs=[pl.BlockSpec((B,), lambda b, g, s: (0,)),
                   pl.BlockSpec((None, None, rows, E), lambda b, g, s: (b, g, 0, 0)),
                   pl.BlockSpec((None, None, S, E), lambda b, g, s: (b, g, 0, 0)),
                   pl.BlockSpec((None, None, S, E), lambda b, g, s: (b, g, 0, 0))],
-        out_specs=[pl.BlockSpec((None, None, None, rows, E), lambda b, g, s: (b, g, s, 0, 0)),
-                   pl.BlockSpec((None, None, None, rows), lambda b, g, s: (b, g, s, 0)),
-                   pl.BlockSpec((None, None, None, rows), lambda b, g, s: (b, g, s, 0))],
+        out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(num_warps=blocks.num_warps,
                                                 num_stages=blocks.num_stages),
         interpret=jax.default_backend() == "cpu" if interpret is None else interpret,
     )(lengths, qg, k, v)
-    # Combine the splits: rescale each to the common max, then normalize.
-    weight = jnp.exp(m - m.max(axis=2, keepdims=True))                  # [B, G, NS, Rp]
-    out = (acc * weight[..., None]).sum(2) / (l * weight).sum(2)[..., None]
+    if n_splits == 1:
+        out = outs[0]
+    else:  # combine the splits: rescale each to the common max, then normalize
+        acc, m, l = outs
+        weight = jnp.exp(m - m.max(axis=2, keepdims=True))              # [B, G, NS, Rp]
+        out = (acc * weight[..., None]).sum(2) / (l * weight).sum(2)[..., None]
     return out[:, :, :R].reshape(B, H, E).astype(q.dtype)
 
 
@@ -140,8 +156,11 @@ def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
     """Plain-XLA decode attention on the same layout (the CPU path and the test oracle)."""
     (B, H, E), (_, G, S, _) = q.shape, k.shape
     qg = q.reshape(B, G, H // G, E)
-    scores = jnp.einsum("bgre,bgse->bgrs", qg, k, preferred_element_type=jnp.float32) * E ** -0.5
+    precision = _HIGHEST if q.dtype == jnp.float32 else None
+    scores = jnp.einsum("bgre,bgse->bgrs", qg, k, precision=precision,
+                        preferred_element_type=jnp.float32) * E ** -0.5
     visible = jnp.arange(S)[None, :] < lengths[:, None]                 # [B, S]
     scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bgrs,bgse->bgre", probs, v).reshape(B, H, E).astype(q.dtype)
+    out = jnp.einsum("bgrs,bgse->bgre", probs, v, precision=precision)
+    return out.reshape(B, H, E).astype(q.dtype)

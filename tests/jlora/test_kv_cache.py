@@ -16,6 +16,13 @@ init_cache, init_params = model.init_cache, model.init_params
 CFG = preset("tiny").replace(qkv_bias=True)
 
 
+@pytest.fixture(autouse=True)
+def full_float32_matmuls():
+    """Exact float32 on the GPU too (XLA's default there is TF32): these test cache logic."""
+    with jax.default_matmul_precision("float32"):
+        yield
+
+
 @pytest.fixture(scope="module")
 def params():
     p = init_params(CFG, jax.random.key(0), jnp.float32)

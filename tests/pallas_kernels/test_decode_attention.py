@@ -12,7 +12,8 @@ import pytest
 from pallas_kernels.decode_attention import (DecodeAttentionBlocks, decode_attention,
                                              decode_attention_reference)
 
-TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}   # max |out - ref| relative to max |ref|
+# max |out - ref| relative to max |ref| (float32 products are IEEE, not TF32, on the GPU too)
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 BLOCKS = [DecodeAttentionBlocks(), DecodeAttentionBlocks(block_s=16, num_warps=4, num_stages=2),
           DecodeAttentionBlocks(block_s=128, num_warps=8, num_stages=3)]
 SHAPES = [  # B, H, G, S, E
@@ -62,7 +63,7 @@ def test_positions_past_the_length_are_ignored():
     noisy_v = v.at[:, :, 40:].set(1e4)
     np.testing.assert_allclose(decode_attention(q, noisy_k, noisy_v, lengths), out)
     # with one position, attention returns that position's value
-    np.testing.assert_allclose(out[0], jnp.repeat(v[0, :, 0], 2, axis=0), rtol=1e-6)
+    assert rel_err(out[0], jnp.repeat(v[0, :, 0], 2, axis=0)) < TOL[jnp.float32]
 
 
 def test_lengths_beyond_the_cache_are_clamped():
