@@ -6,8 +6,9 @@ Each program takes one (sequence, kv head) pair and one split of the cache posit
 streams K and V in blocks of `block_s` rows with an online softmax and writes an unnormalized
 partial result; splits are combined in XLA afterwards. Splitting the positions keeps the GPU
 busy when sequences x kv heads alone are too few programs (batch 1). The R = H/G query heads
-that share a kv head are padded to 16 rows, so both products run on the tensor cores: the
-kernel is memory-bound, and the padding costs no bytes.
+that share a kv head are replicated in registers to 16 rows, so both products run on the
+tensor cores (the kernel is memory-bound: the extra rows cost no bytes), and folded back
+before the store, so no padded copy of q or of the output ever reaches memory.
 
 The XLA version in the same file (`decode_attention_reference`) is the CPU path and the test
 oracle. This module knows nothing about pages or the model; it reads a dense [B, G, S, E] cache.
@@ -40,14 +41,20 @@ class DecodeAttentionBlocks:
 
 
 def _kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, *stats_refs, block_s: int,
-            split_len: int, scale: float):
-    # q_ref [Rp, E]; k_ref, v_ref [S, E]; o_ref [Rp, E]; stats_refs: m_ref, l_ref [Rp] when
+            split_len: int, scale: float, rep: int):
+    # q_ref [Rq, E]; k_ref, v_ref [S, E]; o_ref [Rq, E]; stats_refs: m_ref, l_ref [Rq] when
     # the positions are split (o is then unnormalized), none when one program sees them all.
     b, split = pl.program_id(0), pl.program_id(2)
     start = split * split_len
     end = jnp.minimum(start + split_len, lengths_ref[b])
     q = q_ref[...]
-    rows, head_dim = q.shape
+    r_q, head_dim = q.shape
+    rows = r_q * rep
+    if rep > 1:  # each query row `rep` times: [Rq, E] -> [Rq * rep, E]
+        q = jnp.broadcast_to(q[:, None, :], (r_q, rep, head_dim)).reshape(rows, head_dim)
+
+    def fold(x):  # the rep identical copies of each row -> one (max of equal values: exact)
+        return x if rep == 1 else x.reshape(r_q, rep, *x.shape[1:]).max(axis=1)
 
     def body(i, carry):
         acc, m, l = carry
@@ -70,12 +77,12 @@ def _kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, *stats_refs, block_s: int,
             jnp.zeros((rows,), jnp.float32))
     acc, m, l = lax.fori_loop(0, n_blocks, body, init)
     if not stats_refs:
-        o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+        o_ref[...] = fold(acc / l[:, None]).astype(o_ref.dtype)
         return
     m_ref, l_ref = stats_refs
-    o_ref[...] = acc
-    m_ref[...] = m
-    l_ref[...] = l
+    o_ref[...] = fold(acc)
+    m_ref[...] = fold(m)
+    l_ref[...] = fold(l)
 
 
 def _num_splits(batch: int, kv_heads: int, length: int, block_s: int) -> int:
@@ -113,12 +120,14 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
         return decode_attention_reference(q, k, v, lengths)
     (B, H, E), (_, G, S, _) = q.shape, k.shape
     R = H // G
-    rows = max(_MIN_ROWS, pl.next_power_of_2(R))
-    qg = jnp.pad(q.reshape(B, G, R, E), ((0, 0), (0, 0), (0, rows - R), (0, 0)))
+    rows = pl.next_power_of_2(R)     # Triton tiles are powers of two: pad R=3 to 4, say
+    qg = q.reshape(B, G, R, E)
+    if rows != R:
+        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - R), (0, 0)))
     n_splits = _num_splits(B, G, S, blocks.block_s)
     split_len = pl.cdiv(pl.cdiv(S, n_splits), blocks.block_s) * blocks.block_s
     kernel = functools.partial(_kernel, block_s=blocks.block_s, split_len=split_len,
-                               scale=E ** -0.5)
+                               scale=E ** -0.5, rep=max(1, _MIN_ROWS // rows))
     if n_splits == 1:  # the kernel normalizes and writes q's dtype: no combine step
         out_shape = [jax.ShapeDtypeStruct((B, G, rows, E), q.dtype)]
         out_specs = [pl.BlockSpec((None, None, rows, E), lambda b, g, s: (b, g, 0, 0))]
@@ -148,7 +157,9 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
         acc, m, l = outs
         weight = jnp.exp(m - m.max(axis=2, keepdims=True))              # [B, G, NS, Rp]
         out = (acc * weight[..., None]).sum(2) / (l * weight).sum(2)[..., None]
-    return out[:, :, :R].reshape(B, H, E).astype(q.dtype)
+    if rows != R:
+        out = out[:, :, :R]
+    return out.reshape(B, H, E).astype(q.dtype)
 
 
 def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,

@@ -17,10 +17,12 @@ TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 BLOCKS = [DecodeAttentionBlocks(), DecodeAttentionBlocks(block_s=16, num_warps=4, num_stages=2),
           DecodeAttentionBlocks(block_s=128, num_warps=8, num_stages=3)]
 SHAPES = [  # B, H, G, S, E
-    (1, 4, 4, 64, 16),      # MHA, one sequence: many splits
+    (1, 4, 4, 64, 16),      # MHA (R=1, replicated to 16 rows), one sequence: many splits
     (3, 8, 2, 100, 32),     # GQA R=4, S not a multiple of the block
     (2, 9, 3, 77, 64),      # SmolLM2's R=3 (padded to 16 rows)
     (5, 16, 2, 40, 16),     # R=8
+    (2, 32, 2, 48, 16),     # R=16: no row replication
+    (4, 4, 2, 130, 16),     # R=2
 ]
 
 
