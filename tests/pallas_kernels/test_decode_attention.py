@@ -76,8 +76,9 @@ def test_lengths_beyond_the_cache_are_clamped():
 
 def test_xla_impl_is_the_reference():
     q, k, v, lengths = inputs(3, 8, 2, 50, 16, jnp.float32, seed=5)
-    np.testing.assert_array_equal(decode_attention(q, k, v, lengths, impl="xla"),
-                                  decode_attention_reference(q, k, v, lengths))
+    np.testing.assert_allclose(decode_attention(q, k, v, lengths, impl="xla"),
+                               decode_attention_reference(q, k, v, lengths), rtol=1e-5,
+                               atol=1e-6)  # jitted vs op-by-op: fusion may reorder sums
 
 
 @pytest.mark.parametrize("bad", [
