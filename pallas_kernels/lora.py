@@ -1,0 +1,494 @@
+"""LoRA shrink and expand for batches that mix adapters, ranks and variants (Punica's SGMV).
+
+For token t on adapter slot s = s(t), for each module m of a projection group (q, k, v say):
+
+    shrink   v[m, t] = (x[t] @ A_m[s]) * u_m[s]                              [T, D] -> [T, r]
+    expand   y[t, cols_m] = g_m[s] * (y[t, cols_m] + scale_m[s] * (v[m, t] @ B_m[s]) * w_m[s])
+
+LoRA has u = w = g = 1; Tied-LoRA's u and v are u and w (its A and B are shared by all
+layers); DoRA's magnitude scale m / ||W + s.BA|| is g, which also scales the base output y.
+y arrives holding the base projection's output of the whole group (bias not yet added) and
+is updated in place. Slot 0 is "no adapter": its tokens read and write nothing.
+
+Weights live in row pools (`LoraWeights`): row i of the A pool is one rank dimension of some
+adapter's A^T, so an adapter of rank r owns r consecutive rows wherever the bank put them.
+Kernels loop over exactly `rank[m, s]` rows, so ranks 8 to 256 mix in one batch without
+reading or computing any padding up to the largest rank.
+
+A batch is described one of two ways (`LoraBatch`): one slot per token (decode), served by
+per-token kernels (one program per token and column block, split-K over D for the shrink);
+or sorted segments (prefill), served by segment kernels whose tiles of tokens share one
+adapter and multiply on the tensor cores. The shrink returns `v` as per-split partial sums
+[KS, M, T, R] (float32) that the expand adds up, so no extra launch reduces them.
+
+Every op has `impl="pallas"|"xla"`; the XLA references at the end of the file are the CPU
+path and the test oracle. This module knows nothing about layers, models or the host-side
+bank allocator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+IMPLS = ("pallas", "xla")
+POOL_SLACK_ROWS = 64   # unused rows at each pool's end: a full row block never runs past it
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=[
+    "a", "b", "a_start", "b_start", "rank", "scale", "u", "w", "g"], meta_fields=["max_rank"])
+@dataclass(frozen=True)
+class LoraWeights:
+    """The adapters of one projection group of M modules at one layer (S slots each).
+
+    a        [Pa, D]       A rows of every module and slot (row = one rank dim of A^T)
+    b        M x [Pb_m, N_m]  B rows of module m
+    a_start  [M, S] int32  first A row of slot s for module m; b_start likewise for B
+    rank     [M, S] int32  0 where slot s has no adapter on module m (slot 0 always)
+    scale    [M, S] f32    lora_alpha / r (or / sqrt(r))
+    u        [M, S, R] or None: per-rank vector;  w, g: M x [S, N_m] or None
+    max_rank static: the largest rank any slot may hold (sets the width R of v)
+    """
+
+    a: jax.Array
+    b: tuple[jax.Array, ...]
+    a_start: jax.Array
+    b_start: jax.Array
+    rank: jax.Array
+    scale: jax.Array
+    u: jax.Array | None = None
+    w: tuple[jax.Array, ...] | None = None
+    g: tuple[jax.Array, ...] | None = None
+    max_rank: int = 16
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(b.shape[1] for b in self.b)
+
+
+class LoraBatch(NamedTuple):
+    """Which adapter each token uses: token_slots [T], or sorted segments.
+
+    Segments: tokens seg_starts[i] <= t < seg_starts[i + 1] use slot seg_slots[i]
+    (seg_starts [NSEG + 1] int32, non-decreasing, from 0 to T; seg_slots [NSEG] int32).
+    Example: T=5 tokens, first 2 on slot 3, next 3 on slot 0: seg_starts [0, 2, 5], seg_slots
+    [3, 0]; the same as token_slots [3, 3, 0, 0, 0].
+    """
+
+    token_slots: jax.Array | None = None
+    seg_starts: jax.Array | None = None
+    seg_slots: jax.Array | None = None
+
+    @property
+    def is_segments(self) -> bool:
+        return self.seg_starts is not None
+
+
+@dataclass(frozen=True)
+class LoraBlocks:
+    block_r: int = 16      # rank rows per step (at most POOL_SLACK_ROWS)
+    block_k: int = 256     # shrink: input columns per step
+    block_n: int = 256     # expand: output columns per program
+    block_t: int = 32      # segment kernels: tokens per tile
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def v_width(max_rank: int, blocks: LoraBlocks = LoraBlocks()) -> int:
+    return max(blocks.block_r, pl.next_power_of_2(max_rank))
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two <= cap that divides n."""
+    d = 1
+    while d * 2 <= cap and n % (d * 2) == 0:
+        d *= 2
+    return d
+
+
+def _compiler(blocks: LoraBlocks):
+    return pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+
+
+def _interpret(interpret: bool | None) -> bool:
+    return jax.default_backend() == "cpu" if interpret is None else interpret
+
+
+# ----------------------------------------------------------------------------- per-token kernels
+
+def _shrink_tokens_kernel(slot_ref, start_ref, rank_ref, x_ref, a_ref, *rest, block_r, block_k,
+                          blocks_per_split, n_kblocks, has_u):
+    u_ref, o_ref = (rest if has_u else (None, *rest))
+    t, m, ks = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    s = slot_ref[t]
+    rank, row0 = rank_ref[m, s], start_ref[m, s]
+    kb0 = ks * blocks_per_split
+    kb1 = jnp.minimum(kb0 + blocks_per_split, n_kblocks)
+
+    def rank_block(rb, carry):
+        rows = rb * block_r + jnp.arange(block_r)
+        live = rows < rank
+
+        def k_step(kb, acc):
+            cols = pl.ds(kb * block_k, block_k)
+            xk = x_ref[t, cols].astype(jnp.float32)                       # [BK]
+            ak = pltriton.load(a_ref.at[pl.ds(row0 + rb * block_r, block_r), cols],
+                               mask=live[:, None], other=0.0)             # [BR, BK]
+            return acc + jnp.sum(ak.astype(jnp.float32) * xk[None, :], axis=1)
+
+        acc = lax.fori_loop(kb0, kb1, k_step, jnp.zeros((block_r,), jnp.float32))
+        if has_u:
+            acc = acc * pltriton.load(u_ref.at[m, s, pl.ds(rb * block_r, block_r)],
+                                      mask=live, other=0.0).astype(jnp.float32)
+        pltriton.store(o_ref.at[ks, m, t, pl.ds(rb * block_r, block_r)], acc, mask=live)
+        return carry
+
+    lax.fori_loop(0, pl.cdiv(rank, block_r), rank_block, 0)
+
+
+def _expand_tokens_kernel(slot_ref, start_ref, rank_ref, scale_ref, v_ref, y_ref, *rest, M,
+                          block_r, block_n, first_block, col_offset, has_w, has_g):
+    b_refs, rest = rest[:M], rest[M:]
+    w_refs, rest = (rest[:M], rest[M:]) if has_w else (None, rest)
+    g_refs, rest = (rest[:M], rest[M:]) if has_g else (None, rest)
+    (o_ref,) = rest
+    t, nb = pl.program_id(0), pl.program_id(1)
+    s = slot_ref[t]
+    n_splits = v_ref.shape[0]
+    for m in range(M):
+        in_module = (nb >= first_block[m]) & (nb < first_block[m + 1])
+
+        @pl.when(in_module & (s != 0) & ((rank_ref[m, s] > 0) | has_g))
+        def _(m=m):
+            rank, row0 = rank_ref[m, s], start_ref[m, s]
+            c0 = (nb - first_block[m]) * block_n
+            cols = pl.ds(c0, block_n)
+
+            def rank_block(rb, acc):
+                rows = rb * block_r + jnp.arange(block_r)
+                live = rows < rank
+                vr = jnp.zeros((block_r,), jnp.float32)
+                for ks in range(n_splits):  # (array indices: interpret mode needs them)
+                    vr += pltriton.load(v_ref.at[jnp.int32(ks), jnp.int32(m), t,
+                                                 pl.ds(rb * block_r, block_r)],
+                                        mask=live, other=0.0)
+                bt = pltriton.load(b_refs[m].at[pl.ds(row0 + rb * block_r, block_r), cols],
+                                   mask=live[:, None], other=0.0)         # [BR, BN]
+                return acc + jnp.sum(vr[:, None] * bt.astype(jnp.float32), axis=0)
+
+            delta = lax.fori_loop(0, pl.cdiv(rank, block_r), rank_block,
+                                  jnp.zeros((block_n,), jnp.float32)) * scale_ref[m, s]
+            if has_w:
+                delta = delta * w_refs[m][s, cols].astype(jnp.float32)
+            ycols = pl.ds(col_offset[m] + c0, block_n)
+            out = y_ref[t, ycols].astype(jnp.float32) + delta
+            if has_g:
+                out = out * g_refs[m][s, cols].astype(jnp.float32)
+            o_ref[t, ycols] = out.astype(o_ref.dtype)
+
+
+# ----------------------------------------------------------------------------- segment kernels
+
+def _segment_rows(seg_ref, tile, block_t, T):
+    """The row window of one tile of one segment, kept inside [0, T), and its live rows."""
+    seg = pl.program_id(0)
+    lo, hi = seg_ref[seg], seg_ref[seg + 1]
+    first = lo + tile * block_t
+    w0 = jnp.minimum(first, T - block_t)   # shift the last window back instead of overrunning
+    rows = w0 + jnp.arange(block_t)
+    return first < hi, w0, (rows >= first) & (rows < hi)
+
+
+def _shrink_segments_kernel(seg_ref, slot_ref, start_ref, rank_ref, x_ref, a_ref, *rest,
+                            block_t, block_r, block_k, n_rblocks, has_u):
+    u_ref, o_ref = (rest if has_u else (None, *rest))
+    tile, mr = pl.program_id(1), pl.program_id(2)
+    m, rb = mr // n_rblocks, mr % n_rblocks
+    s = slot_ref[pl.program_id(0)]
+    rank, row0 = rank_ref[m, s], start_ref[m, s]
+    T, D = x_ref.shape
+    active, w0, live_t = _segment_rows(seg_ref, tile, block_t, T)
+
+    @pl.when(active & (rb * block_r < rank))
+    def _():
+        live_r = rb * block_r + jnp.arange(block_r) < rank
+
+        def k_step(kb, acc):
+            cols = pl.ds(kb * block_k, block_k)
+            xt = pltriton.load(x_ref.at[pl.ds(w0, block_t), cols], mask=live_t[:, None],
+                               other=0.0)                                  # [BT, BK]
+            at = pltriton.load(a_ref.at[pl.ds(row0 + rb * block_r, block_r), cols],
+                               mask=live_r[:, None], other=0.0)            # [BR, BK]
+            return acc + jnp.dot(xt, at.T, preferred_element_type=jnp.float32)
+
+        acc = lax.fori_loop(0, D // block_k, k_step,
+                            jnp.zeros((block_t, block_r), jnp.float32))
+        if has_u:
+            acc = acc * pltriton.load(u_ref.at[m, s, pl.ds(rb * block_r, block_r)],
+                                      mask=live_r, other=0.0).astype(jnp.float32)[None, :]
+        pltriton.store(o_ref.at[jnp.int32(0), m, pl.ds(w0, block_t),
+                                pl.ds(rb * block_r, block_r)], acc,
+                       mask=live_t[:, None] & live_r[None, :])
+
+
+def _expand_segments_kernel(seg_ref, slot_ref, start_ref, rank_ref, scale_ref, v_ref, y_ref,
+                            *rest, M, block_t, block_r, block_n, first_block, col_offset,
+                            has_w, has_g):
+    b_refs, rest = rest[:M], rest[M:]
+    w_refs, rest = (rest[:M], rest[M:]) if has_w else (None, rest)
+    g_refs, rest = (rest[:M], rest[M:]) if has_g else (None, rest)
+    (o_ref,) = rest
+    tile, nb = pl.program_id(1), pl.program_id(2)
+    s = slot_ref[pl.program_id(0)]
+    T = y_ref.shape[0]
+    active, w0, live_t = _segment_rows(seg_ref, tile, block_t, T)
+    for m in range(M):
+        in_module = (nb >= first_block[m]) & (nb < first_block[m + 1])
+
+        @pl.when(active & in_module & (s != 0) & ((rank_ref[m, s] > 0) | has_g))
+        def _(m=m):
+            rank, row0 = rank_ref[m, s], start_ref[m, s]
+            c0 = (nb - first_block[m]) * block_n
+            cols = pl.ds(c0, block_n)
+
+            def rank_block(rb, acc):
+                live_r = rb * block_r + jnp.arange(block_r) < rank
+                vt = pltriton.load(v_ref.at[jnp.int32(0), jnp.int32(m), pl.ds(w0, block_t),
+                                            pl.ds(rb * block_r, block_r)],
+                                   mask=live_t[:, None] & live_r[None, :], other=0.0)
+                bt = pltriton.load(b_refs[m].at[pl.ds(row0 + rb * block_r, block_r), cols],
+                                   mask=live_r[:, None], other=0.0)        # [BR, BN]
+                return acc + jnp.dot(vt.astype(bt.dtype), bt,
+                                     preferred_element_type=jnp.float32)
+
+            delta = lax.fori_loop(0, pl.cdiv(rank, block_r), rank_block,
+                                  jnp.zeros((block_t, block_n), jnp.float32)) * scale_ref[m, s]
+            if has_w:
+                delta = delta * w_refs[m][s, cols].astype(jnp.float32)[None, :]
+            ycols = pl.ds(col_offset[m] + c0, block_n)
+            yt = pltriton.load(y_ref.at[pl.ds(w0, block_t), ycols], mask=live_t[:, None],
+                               other=0.0).astype(jnp.float32)
+            out = yt + delta
+            if has_g:
+                out = out * g_refs[m][s, cols].astype(jnp.float32)[None, :]
+            pltriton.store(o_ref.at[pl.ds(w0, block_t), ycols], out.astype(o_ref.dtype),
+                           mask=live_t[:, None])
+
+
+# ----------------------------------------------------------------------------- public wrappers
+
+def _check(x_or_y, weights: LoraWeights, batch: LoraBatch, impl: str, what: str,
+           blocks: LoraBlocks):
+    if impl not in IMPLS:
+        raise ValueError(f"impl {impl!r} is not one of {IMPLS}")
+    if (batch.token_slots is None) == (batch.seg_starts is None):
+        raise ValueError("describe the batch by token_slots or by seg_starts and seg_slots, "
+                         "exactly one of them")
+    if batch.is_segments and (batch.seg_slots is None or batch.seg_starts.ndim != 1 or
+                              batch.seg_slots.shape != (batch.seg_starts.shape[0] - 1,)):
+        raise ValueError(f"seg_starts must be [NSEG + 1] and seg_slots [NSEG], got "
+                         f"{getattr(batch.seg_starts, 'shape', None)} and "
+                         f"{getattr(batch.seg_slots, 'shape', None)}")
+    T = x_or_y.shape[0]
+    if not batch.is_segments and batch.token_slots.shape != (T,):
+        raise ValueError(f"token_slots has shape {batch.token_slots.shape}, expected ({T},)")
+    M = len(weights.b)
+    tables = (weights.a_start, weights.b_start, weights.rank, weights.scale)
+    if M == 0 or any(t.ndim != 2 or t.shape != tables[0].shape for t in tables) \
+            or tables[0].shape[0] != M:
+        raise ValueError(f"a_start, b_start, rank and scale must all be [M={M}, S], got "
+                         f"{[t.shape for t in tables]}")
+    if blocks.block_r > POOL_SLACK_ROWS or blocks.block_r & (blocks.block_r - 1):
+        raise ValueError(f"block_r={blocks.block_r} must be a power of two <= {POOL_SLACK_ROWS}")
+    if weights.a.ndim != 2 or weights.a.shape[0] < POOL_SLACK_ROWS:
+        raise ValueError(f"the A pool must be [rows >= {POOL_SLACK_ROWS}, D], got "
+                         f"{weights.a.shape}")
+    for name in ("w", "g"):
+        vecs = getattr(weights, name)
+        if vecs is not None and [v.shape for v in vecs] != \
+                [(tables[0].shape[1], n) for n in weights.widths]:
+            raise ValueError(f"{name} must be one [S, N_m] array per module, got "
+                             f"{[v.shape for v in vecs]}")
+    if what == "shrink" and x_or_y.shape[1] != weights.a.shape[1]:
+        raise ValueError(f"x has {x_or_y.shape[1]} features but the A pool has "
+                         f"{weights.a.shape[1]}")
+    if what == "expand" and x_or_y.shape[1] != sum(weights.widths):
+        raise ValueError(f"y has {x_or_y.shape[1]} columns but the modules' outputs add up to "
+                         f"{sum(weights.widths)} ({weights.widths})")
+
+
+def _block(n: int, cap: int, what: str) -> int:
+    size = _pow2_divisor(n, cap)
+    if size < 16:
+        raise ValueError(f"{what}={n} must be a multiple of 16 for the Pallas LoRA kernels")
+    return size
+
+
+def _padded_u(weights: LoraWeights, R: int):
+    u = weights.u
+    if u is not None and u.shape[2] < R:
+        u = jnp.pad(u, ((0, 0), (0, 0), (0, R - u.shape[2])))
+    return u
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "blocks", "interpret"))
+def lora_shrink(x: jax.Array, weights: LoraWeights, batch: LoraBatch, *, impl: str = "pallas",
+                blocks: LoraBlocks = LoraBlocks(), interpret: bool | None = None) -> jax.Array:
+    """v = (x @ A[slot]) * u for every module of the group.
+
+    x [T, D] -> float32 partial sums [KS, M, T, R] (R = v_width(max_rank)); v is their sum
+    over the first axis. Entries at or past a token's rank are unspecified.
+    """
+    _check(x, weights, batch, impl, "shrink", blocks)
+    R = v_width(weights.max_rank, blocks)
+    if impl == "xla":
+        return lora_shrink_reference(x, weights, token_slots_of(batch, x.shape[0]), R)
+    T, D = x.shape
+    M, BR = len(weights.b), blocks.block_r
+    BK = _block(D, blocks.block_k, "input features D")
+    u = _padded_u(weights, R)
+    tables = [weights.a_start, weights.rank]
+    operands = [x, weights.a] + ([u] if u is not None else [])
+    if batch.is_segments:
+        BT = blocks.block_t
+        xp = jnp.pad(x, ((0, max(0, BT - T)), (0, 0)))
+        Tp, n_seg = xp.shape[0], batch.seg_slots.shape[0]
+        kernel = functools.partial(_shrink_segments_kernel, block_t=BT, block_r=BR, block_k=BK,
+                                   n_rblocks=R // BR, has_u=u is not None)
+        out = pl.pallas_call(
+            kernel, grid=(n_seg, pl.cdiv(Tp, BT), M * (R // BR)),
+            out_shape=jax.ShapeDtypeStruct((1, M, Tp, R), jnp.float32),
+            compiler_params=_compiler(blocks), interpret=_interpret(interpret),
+        )(batch.seg_starts, batch.seg_slots, *tables, xp, *operands[1:])
+        return out[:, :, :T]
+    n_kblocks = D // BK
+    per_split = pl.cdiv(n_kblocks, min(n_kblocks, max(1, 256 // (T * M))))
+    n_splits = pl.cdiv(n_kblocks, per_split)
+    kernel = functools.partial(_shrink_tokens_kernel, block_r=BR, block_k=BK,
+                               blocks_per_split=per_split, n_kblocks=n_kblocks,
+                               has_u=u is not None)
+    return pl.pallas_call(
+        kernel, grid=(T, M, n_splits),
+        out_shape=jax.ShapeDtypeStruct((n_splits, M, T, R), jnp.float32),
+        compiler_params=_compiler(blocks), interpret=_interpret(interpret),
+    )(batch.token_slots, *tables, *operands)
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "blocks", "interpret"), donate_argnums=0)
+def lora_expand(y: jax.Array, v: jax.Array, weights: LoraWeights, batch: LoraBatch, *,
+                impl: str = "pallas", blocks: LoraBlocks = LoraBlocks(),
+                interpret: bool | None = None) -> jax.Array:
+    """y[:, cols_m] = g * (y[:, cols_m] + scale * (v_m @ B_m[slot]) * w) for every module m.
+
+    y [T, sum N_m] (donated: updated in place); v [KS, M, T, R] from `lora_shrink`.
+    """
+    _check(y, weights, batch, impl, "expand", blocks)
+    if impl == "xla":
+        return lora_expand_reference(y, v, weights, token_slots_of(batch, y.shape[0]))
+    T = y.shape[0]
+    M, BR = len(weights.b), blocks.block_r
+    widths = weights.widths
+    BN = min(_block(n, blocks.block_n, "module output width") for n in widths)
+    first_block = tuple(sum(n // BN for n in widths[:m]) for m in range(M + 1))
+    col_offset = tuple(sum(widths[:m]) for m in range(M))
+    has_w, has_g = weights.w is not None, weights.g is not None
+    vectors = [*(weights.w or ()), *(weights.g or ())]
+    tables = [weights.b_start, weights.rank, weights.scale]
+    if batch.is_segments:
+        BT = blocks.block_t
+        pad = max(0, BT - T)
+        yp = jnp.pad(y, ((0, pad), (0, 0))) if pad else y
+        vp = jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0))) if pad else v
+        n_seg = batch.seg_slots.shape[0]
+        kernel = functools.partial(_expand_segments_kernel, M=M, block_t=BT, block_r=BR,
+                                   block_n=BN, first_block=first_block, col_offset=col_offset,
+                                   has_w=has_w, has_g=has_g)
+        out = pl.pallas_call(
+            kernel, grid=(n_seg, pl.cdiv(yp.shape[0], BT), first_block[-1]),
+            out_shape=jax.ShapeDtypeStruct(yp.shape, y.dtype),
+            input_output_aliases={6: 0}, compiler_params=_compiler(blocks),
+            interpret=_interpret(interpret),
+        )(batch.seg_starts, batch.seg_slots, *tables, vp, yp, *weights.b, *vectors)
+        return out[:T] if pad else out
+    kernel = functools.partial(_expand_tokens_kernel, M=M, block_r=BR, block_n=BN,
+                               first_block=first_block, col_offset=col_offset, has_w=has_w,
+                               has_g=has_g)
+    return pl.pallas_call(
+        kernel, grid=(T, first_block[-1]),
+        out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
+        input_output_aliases={5: 0}, compiler_params=_compiler(blocks),
+        interpret=_interpret(interpret),
+    )(batch.token_slots, *tables, v, y, *weights.b, *vectors)
+
+
+def lora_apply(x: jax.Array, y: jax.Array, weights: LoraWeights, batch: LoraBatch, *,
+               impl: str = "pallas", blocks: LoraBlocks = LoraBlocks(),
+               interpret: bool | None = None) -> jax.Array:
+    """Shrink then expand: y (the group's base output, donated) plus every token's adapter."""
+    v = lora_shrink(x, weights, batch, impl=impl, blocks=blocks, interpret=interpret)
+    return lora_expand(y, v, weights, batch, impl=impl, blocks=blocks, interpret=interpret)
+
+
+# ----------------------------------------------------------------------------- XLA references
+
+def token_slots_of(batch: LoraBatch, T: int) -> jax.Array:
+    """Per-token slots [T] of either batch description."""
+    if not batch.is_segments:
+        return batch.token_slots
+    seg = jnp.searchsorted(batch.seg_starts, jnp.arange(T), side="right") - 1
+    return batch.seg_slots[jnp.clip(seg, 0, batch.seg_slots.shape[0] - 1)]
+
+
+def _gather_rows(pool, start, rank, R):
+    """Each token's adapter rows [T, R, cols] from a pool (rows past its rank read as 0)."""
+    i = jnp.arange(R)
+    live = i[None, :] < rank[:, None]                                  # [T, R]
+    rows = jnp.where(live, start[:, None] + i[None, :], 0)
+    return jnp.where(live[..., None], pool[rows], 0), live
+
+
+def lora_shrink_reference(x: jax.Array, weights: LoraWeights, slots: jax.Array,
+                          R: int) -> jax.Array:
+    """Gather-then-einsum shrink: [1, M, T, R] float32 (zeros past each rank)."""
+    precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    out = []
+    for m in range(len(weights.b)):
+        a, live = _gather_rows(weights.a, weights.a_start[m, slots], weights.rank[m, slots], R)
+        v = jnp.einsum("td,trd->tr", x, a, precision=precision,
+                       preferred_element_type=jnp.float32)             # [T, R]
+        if weights.u is not None:
+            u = jnp.pad(weights.u, ((0, 0), (0, 0), (0, max(0, R - weights.u.shape[2]))))
+            v = v * u[m, slots, :R].astype(jnp.float32)
+        out.append(jnp.where(live, v, 0.0))
+    return jnp.stack(out)[None]
+
+
+def lora_expand_reference(y: jax.Array, v: jax.Array, weights: LoraWeights,
+                          slots: jax.Array) -> jax.Array:
+    """Gather-then-einsum expand of the partial sums v [KS, M, T, R] into y [T, sum N_m]."""
+    R = v.shape[-1]
+    v = v.sum(axis=0)                                                  # [M, T, R]
+    precision = lax.Precision.HIGHEST if y.dtype == jnp.float32 else None
+    parts, offset = [], 0
+    for m, n in enumerate(weights.widths):
+        b, live = _gather_rows(weights.b[m], weights.b_start[m, slots],
+                               weights.rank[m, slots], R)
+        delta = jnp.einsum("tr,trn->tn", jnp.where(live, v[m], 0.0), b.astype(jnp.float32),
+                           precision=precision) * weights.scale[m, slots][:, None]
+        if weights.w is not None:
+            delta = delta * weights.w[m][slots].astype(jnp.float32)
+        part = y[:, offset:offset + n].astype(jnp.float32) + delta
+        if weights.g is not None:
+            part = jnp.where((slots != 0)[:, None],
+                             part * weights.g[m][slots].astype(jnp.float32), part)
+        parts.append(part.astype(y.dtype))
+        offset += n
+    return jnp.concatenate(parts, axis=1)

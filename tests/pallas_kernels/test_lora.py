@@ -1,0 +1,251 @@
+"""LoRA shrink/expand kernels against their XLA references, on fresh random inputs.
+
+Interpret mode on the CPU; with JAX_PLATFORMS=cuda on the GPU machine the same tests run the
+compiled Triton kernels. Adapters are random everywhere (B included), ranks mixed, and the
+batch carries slot-0 tokens unless a test says otherwise.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jlora.lora import SlotAdapter, pack_lora_weights
+from pallas_kernels.lora import (LoraBatch, LoraBlocks, LoraWeights, lora_apply, lora_expand,
+                                 lora_shrink)
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}  # max |out - ref| / max |ref|
+D, WIDTHS = 64, (64, 32, 32)                   # a q/k/v-like group with GQA widths
+SMALL = LoraBlocks(block_t=16, block_n=32, block_k=32)
+
+
+def random_weights(rng, ranks, widths=WIDTHS, dim=D, variant="lora", dtype=jnp.float32,
+                   max_rank=None):
+    """ranks[s][m]: rank of slot s on module m (0 = none); slot 0 stays empty."""
+    slots = [None]
+    for row in ranks[1:]:
+        a = [rng.normal(size=(r, dim)) / np.sqrt(dim) if r else None for r in row]
+        b = [rng.normal(size=(n, r)) if r else None for n, r in zip(widths, row)]
+        vec = lambda n: rng.uniform(0.5, 1.5, size=n)  # noqa: E731
+        slots.append(SlotAdapter(
+            a=a, b=b, scale=list(rng.uniform(0.5, 2.0, size=len(widths))),
+            u=[vec(r) if r else None for r in row] if variant == "tied" else None,
+            w=[vec(n) for n in widths] if variant == "tied" else None,
+            g=[vec(n) for n in widths] if variant == "dora" else None))
+    top = max(max(r) for r in ranks)
+    return pack_lora_weights(slots, dim, widths, max_rank=max_rank or top, dtype=dtype)
+
+
+def inputs(rng, T, dtype, widths=WIDTHS, dim=D):
+    x = jnp.asarray(rng.normal(size=(T, dim)), dtype)
+    y = jnp.asarray(rng.normal(size=(T, sum(widths))), dtype)
+    return x, y
+
+
+def segments_of(slots):
+    """Sorted segments describing a batch whose tokens are already grouped by slot."""
+    bounds = [0] + [i for i in range(1, len(slots)) if slots[i] != slots[i - 1]] + [len(slots)]
+    return LoraBatch(seg_starts=jnp.asarray(bounds, jnp.int32),
+                     seg_slots=jnp.asarray([slots[i] for i in bounds[:-1]], jnp.int32))
+
+
+def rel_err(out, ref):
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert np.isfinite(out).all()
+    return np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30)
+
+
+def check(x, y, weights, batch, dtype, blocks=LoraBlocks()):
+    """Shrink and expand each against the reference; returns the kernel's new y."""
+    T = x.shape[0]
+    v = lora_shrink(x, weights, batch, blocks=blocks)
+    v_ref = lora_shrink(x, weights, batch, impl="xla", blocks=blocks)
+    slots = np.asarray(batch.token_slots) if batch.token_slots is not None else np.repeat(
+        np.asarray(batch.seg_slots), np.diff(np.asarray(batch.seg_starts)))
+    ranks = np.asarray(weights.rank)[:, slots]                          # [M, T]
+    live = np.arange(v.shape[-1])[None, None] < ranks[..., None]       # past a rank: unspecified
+    if live.any():
+        assert rel_err(np.where(live, v.sum(0), 0), v_ref[0]) < TOL[dtype]
+    out = lora_expand(jnp.array(y), v_ref, weights, batch, blocks=blocks)
+    ref = lora_expand(jnp.array(y), v_ref, weights, batch, impl="xla", blocks=blocks)
+    assert rel_err(out, ref) < TOL[dtype]
+    base = slots == 0                       # slot-0 rows come back bit for bit
+    np.testing.assert_array_equal(np.asarray(out)[base], np.asarray(y)[base])
+    assert out.shape == (T, sum(weights.widths)) and out.dtype == y.dtype
+    return out
+
+
+MIXED = [[0, 0, 0], [8, 8, 16], [16, 0, 16], [64, 64, 8], [128, 16, 64], [32, 32, 32]]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("T", [1, 7, 16, 64, 300])
+def test_per_token_mixed_ranks(T, dtype):
+    rng = np.random.default_rng(T)
+    weights = random_weights(rng, MIXED, dtype=dtype)
+    x, y = inputs(rng, T, dtype)
+    slots = jnp.asarray(rng.integers(0, len(MIXED), T), jnp.int32)
+    check(x, y, weights, LoraBatch(token_slots=slots), dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("T", [1, 7, 16, 64, 300])
+def test_segments_mixed_ranks(T, dtype):
+    rng = np.random.default_rng(100 + T)
+    weights = random_weights(rng, MIXED, dtype=dtype)
+    x, y = inputs(rng, T, dtype)
+    slots = np.sort(rng.integers(0, len(MIXED), T))
+    check(x, y, weights, segments_of(list(slots)), dtype, SMALL)
+
+
+@pytest.mark.parametrize("rank", [8, 16, 64, 128])
+@pytest.mark.parametrize("form", ["tokens", "segments"])
+def test_each_rank_alone_all_tokens_on_one_adapter(rank, form):
+    rng = np.random.default_rng(rank)
+    weights = random_weights(rng, [[0, 0, 0], [rank] * 3])
+    x, y = inputs(rng, 37, jnp.float32)
+    batch = LoraBatch(token_slots=jnp.ones(37, jnp.int32)) if form == "tokens" \
+        else segments_of([1] * 37)
+    check(x, y, weights, batch, jnp.float32, SMALL)
+
+
+@pytest.mark.parametrize("variant", ["tied", "dora"])
+@pytest.mark.parametrize("form", ["tokens", "segments"])
+def test_variants_in_one_batch(variant, form):
+    rng = np.random.default_rng(7)
+    weights = random_weights(rng, MIXED, variant=variant)
+    assert (weights.u is not None) == (variant == "tied") and \
+        (weights.g is not None) == (variant == "dora")
+    x, y = inputs(rng, 50, jnp.float32)
+    slots = np.sort(rng.integers(0, len(MIXED), 50))
+    batch = LoraBatch(token_slots=jnp.asarray(slots, jnp.int32)) if form == "tokens" \
+        else segments_of(list(slots))
+    check(x, y, weights, batch, jnp.float32, SMALL)
+
+
+def test_dora_scales_the_base_output_too():
+    rng = np.random.default_rng(8)
+    weights = random_weights(rng, [[0, 0, 0], [8, 8, 8]], variant="dora")
+    x, y = inputs(rng, 4, jnp.float32)
+    batch = LoraBatch(token_slots=jnp.ones(4, jnp.int32))
+    zero_x = jnp.zeros_like(x)  # no LoRA delta: what is left is g * y
+    out = lora_apply(zero_x, jnp.array(y), weights, batch)
+    g = np.concatenate([np.asarray(gm)[1] for gm in weights.g])
+    np.testing.assert_allclose(out, np.asarray(y) * g[None], rtol=1e-6)
+
+
+def test_empty_segments_and_slot_zero_segments():
+    rng = np.random.default_rng(9)
+    weights = random_weights(rng, MIXED)
+    x, y = inputs(rng, 40, jnp.float32)
+    batch = LoraBatch(seg_starts=jnp.asarray([0, 0, 10, 10, 25, 40, 40], jnp.int32),
+                      seg_slots=jnp.asarray([3, 1, 4, 0, 2, 5], jnp.int32))
+    check(x, y, weights, batch, jnp.float32, SMALL)
+
+
+def test_only_slot_zero_changes_nothing():
+    rng = np.random.default_rng(10)
+    weights = random_weights(rng, MIXED)
+    x, y = inputs(rng, 9, jnp.float32)
+    out = lora_apply(x, jnp.array(y), weights, LoraBatch(token_slots=jnp.zeros(9, jnp.int32)))
+    np.testing.assert_array_equal(out, y)
+
+
+@pytest.mark.parametrize("widths", [(64,), (96, 96)], ids=["one-module", "gate-up"])
+def test_single_and_two_module_groups(widths):
+    rng = np.random.default_rng(11)
+    ranks = [[0] * len(widths), [16] * len(widths), [8] * len(widths)]
+    weights = random_weights(rng, ranks, widths=widths)
+    x, y = inputs(rng, 20, jnp.float32, widths=widths)
+    check(x, y, weights, LoraBatch(token_slots=jnp.asarray(rng.integers(0, 3, 20), jnp.int32)),
+          jnp.float32, LoraBlocks(block_n=32))
+
+
+def test_fused_group_equals_modules_one_by_one():
+    rng = np.random.default_rng(12)
+    weights = random_weights(rng, MIXED)
+    x, y = inputs(rng, 30, jnp.float32)
+    batch = LoraBatch(token_slots=jnp.asarray(rng.integers(0, len(MIXED), 30), jnp.int32))
+    fused = lora_apply(x, jnp.array(y), weights, batch)
+    parts, offset = [], 0
+    for m, n in enumerate(WIDTHS):
+        one = LoraWeights(a=weights.a, b=(weights.b[m],), a_start=weights.a_start[m:m + 1],
+                          b_start=weights.b_start[m:m + 1], rank=weights.rank[m:m + 1],
+                          scale=weights.scale[m:m + 1], max_rank=weights.max_rank)
+        parts.append(lora_apply(x, jnp.array(y[:, offset:offset + n]), one, batch))
+        offset += n
+    np.testing.assert_allclose(fused, np.concatenate(parts, axis=1), rtol=1e-5, atol=1e-5)
+
+
+def test_works_under_jit_and_vmap_free_composition():
+    """Usable inside a larger jitted function (the model's step)."""
+    rng = np.random.default_rng(13)
+    weights = random_weights(rng, MIXED)
+    x, y = inputs(rng, 8, jnp.float32)
+    batch = LoraBatch(token_slots=jnp.asarray(rng.integers(0, len(MIXED), 8), jnp.int32))
+
+    @jax.jit
+    def step(x, y, weights, batch):
+        return lora_apply(x * 2, y + 1, weights, batch) * 3
+
+    ref = lora_apply(x * 2, jnp.array(y) + 1, weights, batch, impl="xla") * 3
+    assert rel_err(step(x, y, weights, batch), ref) < 1e-5
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(batch=LoraBatch()), "exactly one of them"),
+    (dict(token_slots=np.zeros(5, np.int32)), "token_slots has shape"),
+    (dict(x_dim=48), "x has 48 features but the A pool has 64"),
+    (dict(impl="triton"), "impl 'triton' is not one of"),
+    (dict(blocks=LoraBlocks(block_r=128)), "block_r=128 must be a power of two <= 64"),
+])
+def test_bad_inputs_are_refused(bad, message):
+    rng = np.random.default_rng(14)
+    weights = random_weights(rng, MIXED)
+    x = jnp.ones((6, bad.get("x_dim", D)), jnp.float32)
+    batch = bad.get("batch", LoraBatch(token_slots=jnp.asarray(
+        bad.get("token_slots", np.zeros(6, np.int32)))))
+    with pytest.raises(ValueError, match=message):
+        lora_shrink(x, weights, batch, impl=bad.get("impl", "pallas"),
+                    blocks=bad.get("blocks", LoraBlocks()))
+
+
+def test_expand_checks_y_width():
+    weights = random_weights(np.random.default_rng(15), MIXED)
+    with pytest.raises(ValueError, match=r"y has 100 columns but the modules' outputs add up "
+                                         r"to 128 \(\(64, 32, 32\)\)"):
+        lora_expand(jnp.ones((4, 100)), jnp.zeros((1, 3, 4, 128)), weights,
+                    LoraBatch(token_slots=jnp.zeros(4, jnp.int32)))
+
+
+# Every configuration the model and the benchmark use, lowered for CUDA on the CPU: Triton's
+# rules (power-of-two tiles, dot operands >= 16) are not enforced by interpret mode.
+LOWERED = [  # (T, D, widths, max_rank, tied/dora vectors, form, blocks)
+    (1, 4096, (4096,), 16, False, "tokens", LoraBlocks()),
+    (64, 4096, (4096, 1024, 1024), 64, True, "tokens", LoraBlocks()),
+    (256, 4096, (11008, 11008), 64, True, "tokens", LoraBlocks()),
+    (300, 11008, (4096,), 128, False, "tokens", LoraBlocks(block_r=32, block_k=128)),
+    (4096, 4096, (4096,), 64, False, "segments", LoraBlocks(block_t=64, block_r=32)),
+    (7, 576, (576, 192, 192), 256, True, "segments", LoraBlocks()),
+]
+
+
+@pytest.mark.parametrize("case", LOWERED, ids=lambda c: f"T{c[0]}-{c[5]}-r{c[3]}")
+def test_lowers_for_cuda(case):
+    T, dim, widths, max_rank, vectors, form, blocks = case
+    sds = jax.ShapeDtypeStruct
+    M, S, P = len(widths), 32, 4096
+    table = lambda dt=jnp.int32: sds((M, S), dt)  # noqa: E731
+    weights = LoraWeights(
+        a=sds((P, dim), jnp.bfloat16), b=tuple(sds((P, n), jnp.bfloat16) for n in widths),
+        a_start=table(), b_start=table(), rank=table(), scale=table(jnp.float32),
+        u=sds((M, S, max_rank), jnp.float32) if vectors else None,
+        w=tuple(sds((S, n), jnp.float32) for n in widths) if vectors else None,
+        g=tuple(sds((S, n), jnp.float32) for n in widths) if vectors else None,
+        max_rank=max_rank)
+    batch = LoraBatch(token_slots=sds((T,), jnp.int32)) if form == "tokens" else \
+        LoraBatch(seg_starts=sds((9,), jnp.int32), seg_slots=sds((8,), jnp.int32))
+    fn = jax.jit(lambda x, y, w, b: lora_apply(x, y, w, b, blocks=blocks, interpret=False))
+    text = fn.trace(sds((T, dim), jnp.bfloat16), sds((T, sum(widths)), jnp.bfloat16), weights,
+                    batch).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("triton") >= 2   # both kernels went through the Triton lowering
