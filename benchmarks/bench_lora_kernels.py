@@ -1,0 +1,313 @@
+"""LoRA shrink/expand kernel benchmark (h = 4096, bfloat16) against XLA and the bytes floor.
+
+Each op is timed as its marginal cost inside one jitted program: a `fori_loop` whose body
+runs the op U times, each time on different adapter slots rotating through a bank larger
+than L2 (so weights come from HBM), timed at two trip counts; the difference over the extra
+calls, median of repeats, minus the same loop's cost with an empty body (printed as `loop`).
+Popularity of adapters among the T tokens (REFERENCE.md §1): distinct, uniform (ceil(sqrt T)
+adapters), skewed (segments 1, 1, 2, 3, 5, 7, 11, ... growing x1.5), identical.
+
+Baselines beside each Pallas op: `xla` gather-einsum (the reference), `ragged` =
+jax.lax.ragged_dot over the batch's adapters (gathered first), `dense` = one adapter's plain
+matmul of the same shape (the speed of light). Bytes floor per REFERENCE.md §3 (y read and
+written by the expand), over the measured copy bandwidth.
+
+    python benchmarks/bench_lora_kernels.py --ranks 16 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.bench_decode import copy_bandwidth
+from pallas_kernels.lora import (POOL_SLACK_ROWS, LoraBatch, LoraWeights, lora_expand,
+                                 lora_shrink)
+
+U = 16                  # ops per loop iteration
+BANK_BYTES = 160 << 20  # A (or B) pool size at h=4096: well beyond the 50-60 MB L2
+
+
+def popularity(case: str, T: int) -> list[int]:
+    """Segment sizes (tokens per adapter) of one popularity case."""
+    if case == "prefill":  # 8 prompts of equal length, each on its own adapter
+        return [T // 8] * 8
+    if case == "distinct":
+        return [1] * T
+    if case == "identical":
+        return [T]
+    if case == "uniform":
+        n = math.ceil(math.sqrt(T))
+        return [T // n + (i < T % n) for i in range(n) if T // n + (i < T % n)]
+    sizes = []   # skewed: floor(1.5^k) = 1, 1, 2, 3, 5, 7, 11, ... until they fill T
+    while sum(sizes) < T:
+        sizes.append(min(math.floor(1.5 ** len(sizes)), T - sum(sizes)))
+    return sizes
+
+
+def make_bank(r: int, h: int, widths, key):
+    n_slots = max(2, BANK_BYTES // (2 * r * 4096)) + 1
+    rows = (n_slots - 1) * r + POOL_SLACK_ROWS
+    ka, *kb = jax.random.split(key, 1 + len(widths))
+    M = len(widths)
+    start = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.arange(n_slots - 1, dtype=jnp.int32) * r])
+    weights = LoraWeights(
+        a=jax.random.normal(ka, (rows, h), jnp.bfloat16) * 0.02,
+        b=tuple(jax.random.normal(k, (rows, n), jnp.bfloat16) * 0.02 for k, n in zip(kb, widths)),
+        a_start=jnp.tile(start, (M, 1)), b_start=jnp.tile(start, (M, 1)),
+        rank=jnp.tile(jnp.full(n_slots, r, jnp.int32).at[0].set(0), (M, 1)),
+        scale=jnp.ones((M, n_slots), jnp.float32), max_rank=r)
+    return weights, n_slots
+
+
+def batches(sizes: list[int], n_slots: int, segments: bool, rot: int):
+    """U batch descriptions of the same shape, on disjoint rotating slots."""
+    n = len(sizes)
+    out = []
+    for k in range(U):
+        slots = 1 + (np.arange(n) + (rot + k) * n) % (n_slots - 1)
+        if segments:
+            starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
+            out.append(LoraBatch(seg_starts=jnp.asarray(starts), seg_slots=jnp.asarray(
+                slots, jnp.int32)))
+        else:
+            out.append(LoraBatch(token_slots=jnp.asarray(np.repeat(slots, sizes), jnp.int32)))
+    return out
+
+
+def marginal_us(body, carry, args, reps: int) -> float:
+    """Per-iteration time of fori_loop(body), in microseconds (median of repeats).
+
+    Arrays reach the program as arguments (`args`), never as captured constants.
+    """
+    run = jax.jit(lambda n, c, a: jax.lax.fori_loop(0, n, lambda i, c: body(c, a), c))
+    jax.block_until_ready(run(1, carry, args))
+    diffs = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(run(2, carry, args))
+        t1 = time.perf_counter() - t
+        t = time.perf_counter()
+        jax.block_until_ready(run(10, carry, args))
+        diffs.append((time.perf_counter() - t - t1) / 8)
+    return statistics.median(diffs) * 1e6
+
+
+def outputs_carried(fn, x, args):
+    """(body, carry) that keep every op's whole output as loop state, so XLA can neither
+    drop an op nor compute only the part of its output that a consumer reads; x takes a
+    negligible nudge from the last output so no op is loop-invariant (hoisted out)."""
+    shapes = jax.eval_shape(lambda x, a: fn(x, a), x, args)
+    carry = (x, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+
+    def body(c, a):
+        x, outs = c
+        x = x + (jax.tree.leaves(outs)[-1].ravel()[0] * 1e-30).astype(x.dtype)
+        return x, fn(x, a)
+    return body, carry
+
+
+def shrink_ops(fn):
+    """U shrinks of one x, each on its own rotation of slots."""
+    def ops(x, args):
+        weights, items = args
+        return tuple(fn(x, weights, item) for item in items)
+    return ops
+
+
+def carried_us(fn, x, args, reps):
+    body, carry = outputs_carried(fn, x, args)
+    return marginal_us(body, carry, args, reps)
+
+
+def expand_body(fn):
+    def body(y, args):
+        v, weights, items = args
+        for item in items:
+            y = fn(y, v, weights, item)
+        return y
+    return body
+
+
+def ragged_inputs(weights, sizes, n_slots, rot=0):
+    """Per-op adapter groups in ragged_dot's [G, K, N] layout, gathered from the bank."""
+    n, r = len(sizes), weights.max_rank
+    groups = []
+    for k in range(U):
+        slots = 1 + (np.arange(n) + (rot + k) * n) % (n_slots - 1)
+        rows = jnp.asarray((slots - 1)[:, None] * r + np.arange(r)[None], jnp.int32)  # [n, r]
+        groups.append(rows)
+    return groups, jnp.asarray(sizes, jnp.int32)
+
+
+def bench_case(weights, n_slots, case, T, r, ceiling, reps, baselines):
+    sizes = popularity(case, T)
+    n = len(sizes)
+    H, N = weights.a.shape[1], sum(weights.widths)
+    key = jax.random.key(T * 7 + r)
+    x = jax.random.normal(key, (T, H), jnp.bfloat16)
+    y = jax.random.normal(key, (T, N), jnp.bfloat16)
+    bytes_shrink = 2 * T * H + 2 * n * r * H + 2 * T * r
+    bytes_expand = 2 * T * r + 2 * n * r * N + 4 * T * N
+    rows = []
+
+    def record(op, variant, us, nbytes):
+        floor = nbytes / ceiling * 1e6
+        rows.append(dict(case=case, T=T, r=r, op=op, variant=variant, us=us, floor_us=floor,
+                         gbps=nbytes / us / 1e3, pct=100 * nbytes / (us * 1e-6) / ceiling,
+                         target_us=max(1.2 * floor, floor + 2.0)))
+
+    forms = ["tokens"] + (["segments"] if case != "distinct" else [])
+    for form in forms:
+        items = batches(sizes, n_slots, form == "segments", rot=0)
+        v = lora_shrink(x, weights, items[0])
+        record("shrink", f"pallas-{form}", carried_us(shrink_ops(
+            lambda x, w, b: lora_shrink(x, w, b)), x, (weights, items), reps) / U,
+            bytes_shrink)
+        record("expand", f"pallas-{form}", marginal_us(expand_body(
+            lambda y, v, w, b: lora_expand(y, v, w, b)), y, (v, weights, items), reps) / U,
+            bytes_expand)
+    if not baselines:
+        return rows
+    items = batches(sizes, n_slots, False, rot=0)
+    v = lora_shrink(x, weights, items[0], impl="xla")
+    record("shrink", "xla", carried_us(shrink_ops(
+        lambda x, w, b: lora_shrink(x, w, b, impl="xla")), x, (weights, items),
+        reps) / U, bytes_shrink)
+    record("expand", "xla", marginal_us(expand_body(
+        lambda y, v, w, b: lora_expand(y, v, w, b, impl="xla")), y, (v, weights, items),
+        reps) / U, bytes_expand)
+    groups, group_sizes = ragged_inputs(weights, sizes, n_slots)
+    vr = jnp.zeros((T, r), jnp.bfloat16) + 0.01
+
+    def ragged_shrink(x, args):
+        a_pool, groups, group_sizes = args
+        return tuple(jax.lax.ragged_dot(x, jnp.swapaxes(a_pool[rows_], 1, 2), group_sizes)
+                     for rows_ in groups)                                # a: [n, H, r]
+
+    def ragged_expand(yy, args):
+        vr, b_pool, groups, group_sizes = args
+        for rows_ in groups:
+            yy = yy + jax.lax.ragged_dot(vr, b_pool[rows_], group_sizes).astype(yy.dtype)
+        return yy
+
+    record("shrink", "ragged", carried_us(ragged_shrink, x, (weights.a, groups, group_sizes),
+                                          reps) / U, bytes_shrink)
+    record("expand", "ragged", marginal_us(ragged_expand, y, (vr, weights.b[0], groups,
+                                                              group_sizes), reps) / U,
+           bytes_expand)
+    dense_a = [weights.a[k * r:(k + 1) * r].T for k in range(U)]        # [H, r] each
+    dense_b = [weights.b[0][k * r:(k + 1) * r] for k in range(U)]       # [r, N] each
+
+    def dense_shrink(x, dense_a):
+        return tuple(x @ a for a in dense_a)
+
+    def dense_expand(yy, args):
+        vr, dense_b = args
+        for b in dense_b:
+            yy = yy + (vr @ b).astype(yy.dtype)
+        return yy
+
+    record("shrink", "dense", carried_us(dense_shrink, x, dense_a, reps) / U,
+           2 * T * H + 2 * r * H + 2 * T * r)
+    record("expand", "dense", marginal_us(dense_expand, y, (vr, dense_b), reps) / U,
+           2 * T * r + 2 * r * N + 4 * T * N)
+    return rows
+
+
+def bench_fused(T, r, h, reps):
+    """q/k/v in one launch pair vs three: shrink + expand, distinct adapters."""
+    widths = (h, h // 4, h // 4)   # llama3-8b's GQA widths at h=4096
+    weights, n_slots = make_bank(r, h, widths, jax.random.key(99))
+    x = jax.random.normal(jax.random.key(1), (T, h), jnp.bfloat16)
+    y = jax.random.normal(jax.random.key(2), (T, sum(widths)), jnp.bfloat16)
+    items = batches([1] * T, n_slots, False, rot=0)
+    singles = [LoraWeights(a=weights.a, b=(weights.b[m],), a_start=weights.a_start[m:m + 1],
+                           b_start=weights.b_start[m:m + 1], rank=weights.rank[m:m + 1],
+                           scale=weights.scale[m:m + 1], max_rank=r) for m in range(3)]
+
+    def fused(yy, args):
+        x, weights, items = args
+        for b in items:
+            yy = lora_expand(yy, lora_shrink(x, weights, b), weights, b)
+        return yy
+
+    def separate(ys, args):
+        x, singles, items = args
+        for b in items:
+            ys = tuple(lora_expand(ym, lora_shrink(x, w, b), w, b) for ym, w in zip(ys, singles))
+        return ys
+
+    parts = (y[:, :h], y[:, h:h + h // 4], y[:, h + h // 4:])
+    t_fused = marginal_us(fused, y, (x, weights, items), reps) / U
+    t_sep = marginal_us(separate, parts, (x, singles, items), reps) / U
+    return dict(T=T, r=r, fused_us=t_fused, separate_us=t_sep, ratio=t_fused / t_sep)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 32, 64, 128, 256])
+    ap.add_argument("--cases", nargs="+", default=["distinct", "uniform", "skewed", "identical"])
+    ap.add_argument("--baselines", nargs="+", default=["distinct", "identical"],
+                    help="cases that also time the xla, ragged and dense baselines")
+    ap.add_argument("--prefill", action="store_true", help="also T=4096 in 8 segments")
+    ap.add_argument("--fused", type=int, nargs="*", default=[], help="T values for q/k/v fusion")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--hidden", type=int, default=4096, help="h (smaller for smoke runs)")
+    args = ap.parse_args()
+    h = args.hidden
+
+    ceiling, method = copy_bandwidth()
+    loop = marginal_us(lambda c, a: c + 1, jnp.zeros((), jnp.float32), (), args.reps) / U
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, h={h}, bf16; copy "
+          f"ceiling {ceiling / 1e9:.0f} GB/s ({method}); empty-loop share per op {loop:.2f} us")
+    print(f"{'case':9s} {'T':>4s} {'r':>3s} {'op':6s} {'variant':16s} {'us':>8s} "
+          f"{'floor':>7s} {'target':>7s} {'GB/s':>6s} {'%ceil':>6s}")
+    rows = []
+
+    def report(row):
+        row["us"] -= loop
+        row["gbps"] = row["gbps"] * (row["us"] + loop) / row["us"]
+        row["pct"] = row["pct"] * (row["us"] + loop) / row["us"]
+        rows.append(row)
+        mark = "" if not row["variant"].startswith("pallas") else \
+            (" ok" if row["us"] <= row["target_us"] else " MISS")
+        print(f"{row['case']:9s} {row['T']:4d} {row['r']:3d} {row['op']:6s} "
+              f"{row['variant']:16s} {row['us']:8.2f} {row['floor_us']:7.2f} "
+              f"{row['target_us']:7.2f} {row['gbps']:6.0f} {row['pct']:6.1f}{mark}", flush=True)
+
+    for r in args.ranks:
+        weights, n_slots = make_bank(r, h, (h,), jax.random.key(r))
+        for T in args.tokens:
+            for case in args.cases:
+                for row in bench_case(weights, n_slots, case, T, r, ceiling, args.reps,
+                                      case in args.baselines):
+                    report(row)
+        if args.prefill:
+            for row in bench_case(weights, n_slots, "prefill", 4096, r, ceiling,
+                                  max(5, args.reps // 4), True):
+                report(row)
+    fused = []
+    for T in args.fused:
+        f = bench_fused(T, 16, h, args.reps)
+        f["fused_us"] -= loop
+        f["separate_us"] -= loop
+        f["ratio"] = f["fused_us"] / f["separate_us"]
+        fused.append(f)
+        print(f"fused q/k/v T={T} r=16: one launch pair {f['fused_us']:.2f} us vs three "
+              f"{f['separate_us']:.2f} us: ratio {f['ratio']:.2f} (target <= 0.8)")
+    print(json.dumps(dict(bench="lora_kernels", device=jax.devices()[0].device_kind,
+                          jax=jax.__version__, ceiling_gbps=ceiling / 1e9, loop_us=loop,
+                          results=rows, fused=fused)))
+
+
+if __name__ == "__main__":
+    main()
