@@ -5,7 +5,7 @@ distinct KV buffers (together larger than L2, so every call reads HBM), timed at
 lengths; the difference over the extra calls is the per-call time. Median of repeats.
 Bytes counted: K and V of the attended positions, q and the output.
 
-    python benchmarks/bench_attention.py --shape llama2-7b --batch 1 32 64 --context 512
+    python -m benchmarks.bench_attention --shape llama2-7b --batch 1 32 64 --context 512
 """
 
 from __future__ import annotations

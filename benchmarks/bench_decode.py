@@ -9,7 +9,7 @@ Reports step time, tokens/s and achieved bandwidth against the device-to-device 
 ceiling measured in the same run (torch's copy_ when torch is there, else an XLA copy).
 The last line of stdout is one JSON document.
 
-    python benchmarks/bench_decode.py --model llama2-7b --batch 1 32 64 --context 512
+    python -m benchmarks.bench_decode --model llama2-7b --batch 1 32 64 --context 512
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.profiling import print_kernels
 from jlora.config import preset
 from jlora.generate import decode_step
 from jlora.model import KVCache, init_params
@@ -110,33 +111,23 @@ def bench_batch(params, cfg, batch: int, context: int, dtype, steps: int, reps: 
                 achieved_gbps=(weight_bytes + kv_bytes) / step_s / 1e9, compile_s=compile_s)
 
 
-def profile_kernels(params, cfg, batch: int, context: int, dtype, impl: str, steps: int = 5,
-                    top: int = 25):
-    """Print the GPU kernels of `steps` decode steps, by time per step (CUPTI via torch)."""
-    from torch.profiler import ProfilerActivity, profile
+def profile_kernels(params, cfg, batch: int, context: int, dtype, impl: str, steps: int = 5):
+    """Print the GPU kernels of one decode step (see benchmarks/profiling.py)."""
     cache = random_cache(cfg, batch, context, dtype, jax.random.key(7))
     sampling = jax.device_put(make_sampling_arrays(
         [SamplingParams()] * batch, np.stack([seed_key(i) for i in range(batch)]),
         [0] * batch, batch))
-    tokens = jnp.zeros((batch,), jnp.int32) + 3
     positions = jnp.full((batch,), context - 1, jnp.int32)
-    for _ in range(2):
-        tokens, _, cache = decode_step(params, cache, tokens, positions, sampling, cfg=cfg,
-                                   impl=impl)
-    tokens.block_until_ready()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            tokens, _, cache = decode_step(params, cache, tokens, positions, sampling, cfg=cfg,
-                                   impl=impl)
-        tokens.block_until_ready()
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    events.sort(key=lambda e: -e.device_time_total)
-    total = sum(e.device_time_total for e in events) / steps
-    print(f"-- kernels of one {impl} decode step, batch {batch}, context {context}: "
-          f"{total / 1e3:.3f} ms of kernel time, "
-          f"{sum(e.count for e in events) / steps:.0f} launches")
-    for e in events[:top]:
-        print(f"{e.device_time_total / steps:9.1f} us {e.count / steps:6.1f}x  {e.key[:110]}")
+    state = [jnp.zeros((batch,), jnp.int32) + 3, cache]
+
+    def work():
+        state[0], _, state[1] = decode_step(params, state[1], state[0], positions, sampling,
+                                            cfg=cfg, impl=impl)
+        state[0].block_until_ready()
+
+    work()
+    print_kernels(work, steps, f"kernels of one {impl} decode step, batch {batch}, "
+                               f"context {context}", top=25)
 
 
 def main():
@@ -174,10 +165,7 @@ def main():
               f"{r['pct_of_ceiling']:.1f}% of ceiling  (compile {r['compile_s']:.1f} s)",
               flush=True)
     for b in args.profile:
-        try:
-            profile_kernels(params, cfg, b, args.context, dtype, args.impl[0])
-        except Exception as e:  # profiling is a diagnostic; never lose the timings to it
-            print(f"-- profile of batch {b} failed: {type(e).__name__}: {e}")
+        profile_kernels(params, cfg, b, args.context, dtype, args.impl[0])
     print(json.dumps(dict(bench="decode_step", device=device.device_kind, jax=jax.__version__,
                           model=cfg.name, dtype=args.dtype, ceiling_gbps=ceiling / 1e9,
                           ceiling_method=method, results=rows)))

@@ -12,7 +12,7 @@ jax.lax.ragged_dot over the batch's adapters (gathered first), `dense` = one ada
 matmul of the same shape (the speed of light). Bytes floor per REFERENCE.md §3 (y read and
 written by the expand), over the measured copy bandwidth.
 
-    python benchmarks/bench_lora_kernels.py --ranks 16 64
+    python -m benchmarks.bench_lora_kernels --ranks 16 64
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.bench_decode import copy_bandwidth
+from benchmarks.profiling import print_kernels
 from pallas_kernels.lora import (POOL_SLACK_ROWS, LoraBatch, LoraWeights, lora_expand,
                                  lora_shrink)
 
@@ -251,17 +252,35 @@ def bench_fused(T, r, h, reps):
     return dict(T=T, r=r, fused_us=t_fused, separate_us=t_sep, ratio=t_fused / t_sep)
 
 
+def profile_ops(r: int, h: int):
+    """Kernels of one shrink + expand, distinct T=64 (tokens) and identical T=256 (segments)."""
+    weights, n_slots = make_bank(r, h, (h,), jax.random.key(5))
+    for case, T, segments in (("distinct", 64, False), ("identical", 256, True)):
+        batch = batches(popularity(case, T), n_slots, segments, rot=3)[0]
+        x = jax.random.normal(jax.random.key(1), (T, h), jnp.bfloat16)
+        y = [jax.random.normal(jax.random.key(2), (T, h), jnp.bfloat16)]
+
+        def work():
+            y[0] = lora_expand(y[0], lora_shrink(x, weights, batch), weights, batch)
+            y[0].block_until_ready()
+
+        work()
+        print_kernels(work, 10, f"shrink + expand, {case} T={T} r={r}, "
+                                f"{'segments' if segments else 'tokens'}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 32, 64, 128, 256])
     ap.add_argument("--cases", nargs="+", default=["distinct", "uniform", "skewed", "identical"])
-    ap.add_argument("--baselines", nargs="+", default=["distinct", "identical"],
+    ap.add_argument("--baselines", nargs="*", default=["distinct", "identical"],
                     help="cases that also time the xla, ragged and dense baselines")
     ap.add_argument("--prefill", action="store_true", help="also T=4096 in 8 segments")
     ap.add_argument("--fused", type=int, nargs="*", default=[], help="T values for q/k/v fusion")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--hidden", type=int, default=4096, help="h (smaller for smoke runs)")
+    ap.add_argument("--profile", action="store_true", help="list the kernels of a few cases")
     args = ap.parse_args()
     h = args.hidden
 
@@ -295,6 +314,8 @@ def main():
             for row in bench_case(weights, n_slots, "prefill", 4096, r, ceiling,
                                   max(5, args.reps // 4), True):
                 report(row)
+    if args.profile:
+        profile_ops(16, h)
     fused = []
     for T in args.fused:
         f = bench_fused(T, 16, h, args.reps)

@@ -40,6 +40,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 IMPLS = ("pallas", "xla")
+_HIGHEST = lax.Precision.HIGHEST   # float32 tiles multiply in IEEE float32, not TF32
+_TARGET_PROGRAMS = 512             # split the shrink's D until about this many programs run
 POOL_SLACK_ROWS = 64   # unused rows at each pool's end: a full row block never runs past it
 
 
@@ -137,14 +139,15 @@ def _shrink_tokens_kernel(slot_ref, start_ref, rank_ref, x_ref, a_ref, *rest, bl
         rows = rb * block_r + jnp.arange(block_r)
         live = rows < rank
 
-        def k_step(kb, acc):
+        def k_step(kb, acc):  # elementwise products; one cross-lane sum after the loop
             cols = pl.ds(kb * block_k, block_k)
             xk = x_ref[t, cols].astype(jnp.float32)                       # [BK]
             ak = pltriton.load(a_ref.at[pl.ds(row0 + rb * block_r, block_r), cols],
                                mask=live[:, None], other=0.0)             # [BR, BK]
-            return acc + jnp.sum(ak.astype(jnp.float32) * xk[None, :], axis=1)
+            return acc + ak.astype(jnp.float32) * xk[None, :]
 
-        acc = lax.fori_loop(kb0, kb1, k_step, jnp.zeros((block_r,), jnp.float32))
+        acc = lax.fori_loop(kb0, kb1, k_step,
+                            jnp.zeros((block_r, block_k), jnp.float32)).sum(axis=1)
         if has_u:
             acc = acc * pltriton.load(u_ref.at[m, s, pl.ds(rb * block_r, block_r)],
                                       mask=live, other=0.0).astype(jnp.float32)
@@ -208,10 +211,11 @@ def _segment_rows(seg_ref, tile, block_t, T):
 
 
 def _shrink_segments_kernel(seg_ref, slot_ref, start_ref, rank_ref, x_ref, a_ref, *rest,
-                            block_t, block_r, block_k, n_rblocks, has_u):
+                            block_t, block_r, block_k, n_rblocks, n_splits, blocks_per_split,
+                            has_u):
     u_ref, o_ref = (rest if has_u else (None, *rest))
-    tile, mr = pl.program_id(1), pl.program_id(2)
-    m, rb = mr // n_rblocks, mr % n_rblocks
+    tile, mrk = pl.program_id(1), pl.program_id(2)   # mrk: module, rank block, split of D
+    m, rb, ks = mrk // (n_rblocks * n_splits), (mrk // n_splits) % n_rblocks, mrk % n_splits
     s = slot_ref[pl.program_id(0)]
     rank, row0 = rank_ref[m, s], start_ref[m, s]
     T, D = x_ref.shape
@@ -227,15 +231,15 @@ def _shrink_segments_kernel(seg_ref, slot_ref, start_ref, rank_ref, x_ref, a_ref
                                other=0.0)                                  # [BT, BK]
             at = pltriton.load(a_ref.at[pl.ds(row0 + rb * block_r, block_r), cols],
                                mask=live_r[:, None], other=0.0)            # [BR, BK]
-            return acc + jnp.dot(xt, at.T, preferred_element_type=jnp.float32)
+            return acc + jnp.dot(xt, at.T, precision=_HIGHEST, preferred_element_type=jnp.float32)
 
-        acc = lax.fori_loop(0, D // block_k, k_step,
+        kb0 = ks * blocks_per_split
+        acc = lax.fori_loop(kb0, jnp.minimum(kb0 + blocks_per_split, D // block_k), k_step,
                             jnp.zeros((block_t, block_r), jnp.float32))
         if has_u:
             acc = acc * pltriton.load(u_ref.at[m, s, pl.ds(rb * block_r, block_r)],
                                       mask=live_r, other=0.0).astype(jnp.float32)[None, :]
-        pltriton.store(o_ref.at[jnp.int32(0), m, pl.ds(w0, block_t),
-                                pl.ds(rb * block_r, block_r)], acc,
+        pltriton.store(o_ref.at[ks, m, pl.ds(w0, block_t), pl.ds(rb * block_r, block_r)], acc,
                        mask=live_t[:, None] & live_r[None, :])
 
 
@@ -261,12 +265,14 @@ def _expand_segments_kernel(seg_ref, slot_ref, start_ref, rank_ref, scale_ref, v
 
             def rank_block(rb, acc):
                 live_r = rb * block_r + jnp.arange(block_r) < rank
-                vt = pltriton.load(v_ref.at[jnp.int32(0), jnp.int32(m), pl.ds(w0, block_t),
-                                            pl.ds(rb * block_r, block_r)],
-                                   mask=live_t[:, None] & live_r[None, :], other=0.0)
+                vt = jnp.zeros((block_t, block_r), jnp.float32)
+                for ks in range(v_ref.shape[0]):   # add up the shrink's splits of D
+                    vt += pltriton.load(v_ref.at[jnp.int32(ks), jnp.int32(m), pl.ds(w0, block_t),
+                                                 pl.ds(rb * block_r, block_r)],
+                                        mask=live_t[:, None] & live_r[None, :], other=0.0)
                 bt = pltriton.load(b_refs[m].at[pl.ds(row0 + rb * block_r, block_r), cols],
                                    mask=live_r[:, None], other=0.0)        # [BR, BN]
-                return acc + jnp.dot(vt.astype(bt.dtype), bt,
+                return acc + jnp.dot(vt.astype(bt.dtype), bt, precision=_HIGHEST,
                                      preferred_element_type=jnp.float32)
 
             delta = lax.fori_loop(0, pl.cdiv(rank, block_r), rank_block,
@@ -357,21 +363,23 @@ def lora_shrink(x: jax.Array, weights: LoraWeights, batch: LoraBatch, *, impl: s
     u = _padded_u(weights, R)
     tables = [weights.a_start, weights.rank]
     operands = [x, weights.a] + ([u] if u is not None else [])
+    n_kblocks = D // BK
     if batch.is_segments:
         BT = blocks.block_t
         xp = jnp.pad(x, ((0, max(0, BT - T)), (0, 0)))
         Tp, n_seg = xp.shape[0], batch.seg_slots.shape[0]
+        tiles = pl.cdiv(Tp, BT)
+        per_split, n_splits = _splits(n_kblocks, tiles * M * (R // BR))
         kernel = functools.partial(_shrink_segments_kernel, block_t=BT, block_r=BR, block_k=BK,
-                                   n_rblocks=R // BR, has_u=u is not None)
+                                   n_rblocks=R // BR, n_splits=n_splits,
+                                   blocks_per_split=per_split, has_u=u is not None)
         out = pl.pallas_call(
-            kernel, grid=(n_seg, pl.cdiv(Tp, BT), M * (R // BR)),
-            out_shape=jax.ShapeDtypeStruct((1, M, Tp, R), jnp.float32),
+            kernel, grid=(n_seg, tiles, M * (R // BR) * n_splits),
+            out_shape=jax.ShapeDtypeStruct((n_splits, M, Tp, R), jnp.float32),
             compiler_params=_compiler(blocks), interpret=_interpret(interpret),
         )(batch.seg_starts, batch.seg_slots, *tables, xp, *operands[1:])
         return out[:, :, :T]
-    n_kblocks = D // BK
-    per_split = pl.cdiv(n_kblocks, min(n_kblocks, max(1, 256 // (T * M))))
-    n_splits = pl.cdiv(n_kblocks, per_split)
+    per_split, n_splits = _splits(n_kblocks, T * M)
     kernel = functools.partial(_shrink_tokens_kernel, block_r=BR, block_k=BK,
                                blocks_per_split=per_split, n_kblocks=n_kblocks,
                                has_u=u is not None)
@@ -380,6 +388,13 @@ def lora_shrink(x: jax.Array, weights: LoraWeights, batch: LoraBatch, *, impl: s
         out_shape=jax.ShapeDtypeStruct((n_splits, M, T, R), jnp.float32),
         compiler_params=_compiler(blocks), interpret=_interpret(interpret),
     )(batch.token_slots, *tables, *operands)
+
+
+def _splits(n_kblocks: int, programs: int) -> tuple[int, int]:
+    """(k blocks per split, splits) so that about _TARGET_PROGRAMS programs run."""
+    wanted = min(n_kblocks, max(1, _TARGET_PROGRAMS // programs))
+    per_split = pl.cdiv(n_kblocks, wanted)
+    return per_split, pl.cdiv(n_kblocks, per_split)
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "blocks", "interpret"), donate_argnums=0)

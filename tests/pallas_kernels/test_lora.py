@@ -249,3 +249,18 @@ def test_lowers_for_cuda(case):
     text = fn.trace(sds((T, dim), jnp.bfloat16), sds((T, sum(widths)), jnp.bfloat16), weights,
                     batch).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("triton") >= 2   # both kernels went through the Triton lowering
+
+
+@pytest.mark.parametrize("form", ["tokens", "segments"])
+def test_shrink_split_over_d_adds_up(form):
+    """A wide D cut into many column blocks: the shrink splits it and the expand re-adds."""
+    rng = np.random.default_rng(16)
+    dim = 256
+    weights = random_weights(rng, MIXED, dim=dim)
+    x, y = inputs(rng, 5, jnp.float32, dim=dim)
+    slots = np.sort(rng.integers(0, len(MIXED), 5))
+    batch = LoraBatch(token_slots=jnp.asarray(slots, jnp.int32)) if form == "tokens" \
+        else segments_of(list(slots))
+    blocks = LoraBlocks(block_k=32, block_t=16)
+    assert lora_shrink(x, weights, batch, blocks=blocks).shape[0] > 1   # really split
+    check(x, y, weights, batch, jnp.float32, blocks)
