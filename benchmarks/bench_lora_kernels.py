@@ -29,10 +29,20 @@ import numpy as np
 
 from benchmarks.bench_decode import copy_bandwidth
 from benchmarks.profiling import print_kernels
-from pallas_kernels.lora import (POOL_SLACK_ROWS, LoraBatch, LoraWeights, lora_expand,
-                                 lora_shrink)
+from pallas_kernels.lora import (POOL_SLACK_ROWS, LoraBatch, LoraBlocks, LoraWeights,
+                                 lora_expand, lora_shrink)
 
 U = 16                  # ops per loop iteration
+CONFIGS = {  # named block configurations for --configs sweeps
+    "default": LoraBlocks(),
+    "n512": LoraBlocks(block_n=512),
+    "n512s3": LoraBlocks(block_n=512, block_k=512, num_stages=3),
+    "split4": LoraBlocks(max_splits=4),
+    "split2n512": LoraBlocks(max_splits=2, block_n=512),
+    "p1024n512": LoraBlocks(target_programs=1024, block_n=512),
+    "w8n512": LoraBlocks(num_warps=8, block_n=512, block_k=512),
+    "t64n512": LoraBlocks(block_t=64, block_n=512, max_splits=4),
+}
 BANK_BYTES = 160 << 20  # A (or B) pool size at h=4096: well beyond the 50-60 MB L2
 
 
@@ -148,7 +158,7 @@ def ragged_inputs(weights, sizes, n_slots, rot=0):
     return groups, jnp.asarray(sizes, jnp.int32)
 
 
-def bench_case(weights, n_slots, case, T, r, ceiling, reps, baselines):
+def bench_case(weights, n_slots, case, T, r, ceiling, reps, baselines, configs=("default",)):
     sizes = popularity(case, T)
     n = len(sizes)
     H, N = weights.a.shape[1], sum(weights.widths)
@@ -166,15 +176,17 @@ def bench_case(weights, n_slots, case, T, r, ceiling, reps, baselines):
                          target_us=max(1.2 * floor, floor + 2.0)))
 
     forms = ["tokens"] + (["segments"] if case != "distinct" else [])
-    for form in forms:
+    for form, name in [(f, c) for f in forms for c in configs]:
+        blocks = CONFIGS[name]
+        tag = f"pallas-{form}" + ("" if name == "default" else f"-{name}")
         items = batches(sizes, n_slots, form == "segments", rot=0)
-        v = lora_shrink(x, weights, items[0])
-        record("shrink", f"pallas-{form}", carried_us(shrink_ops(
-            lambda x, w, b: lora_shrink(x, w, b)), x, (weights, items), reps) / U,
-            bytes_shrink)
-        record("expand", f"pallas-{form}", marginal_us(expand_body(
-            lambda y, v, w, b: lora_expand(y, v, w, b)), y, (v, weights, items), reps) / U,
-            bytes_expand)
+        v = lora_shrink(x, weights, items[0], blocks=blocks)
+        record("shrink", tag, carried_us(shrink_ops(
+            lambda x, w, b: lora_shrink(x, w, b, blocks=blocks)), x, (weights, items),
+            reps) / U, bytes_shrink)
+        record("expand", tag, marginal_us(expand_body(
+            lambda y, v, w, b: lora_expand(y, v, w, b, blocks=blocks)), y, (v, weights, items),
+            reps) / U, bytes_expand)
     if not baselines:
         return rows
     items = batches(sizes, n_slots, False, rot=0)
@@ -281,6 +293,8 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--hidden", type=int, default=4096, help="h (smaller for smoke runs)")
     ap.add_argument("--profile", action="store_true", help="list the kernels of a few cases")
+    ap.add_argument("--configs", nargs="+", default=["default"], choices=list(CONFIGS),
+                    help="block configurations of the Pallas ops to time")
     args = ap.parse_args()
     h = args.hidden
 
@@ -288,7 +302,7 @@ def main():
     loop = marginal_us(lambda c, a: c + 1, jnp.zeros((), jnp.float32), (), args.reps) / U
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, h={h}, bf16; copy "
           f"ceiling {ceiling / 1e9:.0f} GB/s ({method}); empty-loop share per op {loop:.2f} us")
-    print(f"{'case':9s} {'T':>4s} {'r':>3s} {'op':6s} {'variant':16s} {'us':>8s} "
+    print(f"{'case':9s} {'T':>4s} {'r':>3s} {'op':6s} {'variant':26s} {'us':>8s} "
           f"{'floor':>7s} {'target':>7s} {'GB/s':>6s} {'%ceil':>6s}")
     rows = []
 
@@ -300,7 +314,7 @@ def main():
         mark = "" if not row["variant"].startswith("pallas") else \
             (" ok" if row["us"] <= row["target_us"] else " MISS")
         print(f"{row['case']:9s} {row['T']:4d} {row['r']:3d} {row['op']:6s} "
-              f"{row['variant']:16s} {row['us']:8.2f} {row['floor_us']:7.2f} "
+              f"{row['variant']:26s} {row['us']:8.2f} {row['floor_us']:7.2f} "
               f"{row['target_us']:7.2f} {row['gbps']:6.0f} {row['pct']:6.1f}{mark}", flush=True)
 
     for r in args.ranks:
@@ -308,7 +322,7 @@ def main():
         for T in args.tokens:
             for case in args.cases:
                 for row in bench_case(weights, n_slots, case, T, r, ceiling, args.reps,
-                                      case in args.baselines):
+                                      case in args.baselines, args.configs):
                     report(row)
         if args.prefill:
             for row in bench_case(weights, n_slots, "prefill", 4096, r, ceiling,

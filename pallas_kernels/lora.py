@@ -41,7 +41,6 @@ from jax.experimental.pallas import triton as pltriton
 
 IMPLS = ("pallas", "xla")
 _HIGHEST = lax.Precision.HIGHEST   # float32 tiles multiply in IEEE float32, not TF32
-_TARGET_PROGRAMS = 512             # split the shrink's D until about this many programs run
 POOL_SLACK_ROWS = 64   # unused rows at each pool's end: a full row block never runs past it
 
 
@@ -102,6 +101,8 @@ class LoraBlocks:
     block_t: int = 32      # segment kernels: tokens per tile
     num_warps: int = 4
     num_stages: int = 2
+    target_programs: int = 512   # the shrink splits D until about this many programs run...
+    max_splits: int = 8          # ...into at most this many parts (the expand adds them up)
 
 
 def v_width(max_rank: int, blocks: LoraBlocks = LoraBlocks()) -> int:
@@ -369,7 +370,7 @@ def lora_shrink(x: jax.Array, weights: LoraWeights, batch: LoraBatch, *, impl: s
         xp = jnp.pad(x, ((0, max(0, BT - T)), (0, 0)))
         Tp, n_seg = xp.shape[0], batch.seg_slots.shape[0]
         tiles = pl.cdiv(Tp, BT)
-        per_split, n_splits = _splits(n_kblocks, tiles * M * (R // BR))
+        per_split, n_splits = _splits(n_kblocks, tiles * M * (R // BR), blocks)
         kernel = functools.partial(_shrink_segments_kernel, block_t=BT, block_r=BR, block_k=BK,
                                    n_rblocks=R // BR, n_splits=n_splits,
                                    blocks_per_split=per_split, has_u=u is not None)
@@ -379,7 +380,7 @@ def lora_shrink(x: jax.Array, weights: LoraWeights, batch: LoraBatch, *, impl: s
             compiler_params=_compiler(blocks), interpret=_interpret(interpret),
         )(batch.seg_starts, batch.seg_slots, *tables, xp, *operands[1:])
         return out[:, :, :T]
-    per_split, n_splits = _splits(n_kblocks, T * M)
+    per_split, n_splits = _splits(n_kblocks, T * M, blocks)
     kernel = functools.partial(_shrink_tokens_kernel, block_r=BR, block_k=BK,
                                blocks_per_split=per_split, n_kblocks=n_kblocks,
                                has_u=u is not None)
@@ -390,9 +391,9 @@ def lora_shrink(x: jax.Array, weights: LoraWeights, batch: LoraBatch, *, impl: s
     )(batch.token_slots, *tables, *operands)
 
 
-def _splits(n_kblocks: int, programs: int) -> tuple[int, int]:
-    """(k blocks per split, splits) so that about _TARGET_PROGRAMS programs run."""
-    wanted = min(n_kblocks, max(1, _TARGET_PROGRAMS // programs))
+def _splits(n_kblocks: int, programs: int, blocks: LoraBlocks) -> tuple[int, int]:
+    """(k blocks per split, splits) so that about blocks.target_programs programs run."""
+    wanted = min(n_kblocks, blocks.max_splits, max(1, blocks.target_programs // programs))
     per_split = pl.cdiv(n_kblocks, wanted)
     return per_split, pl.cdiv(n_kblocks, per_split)
 
