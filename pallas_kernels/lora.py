@@ -97,7 +97,7 @@ class LoraBatch(NamedTuple):
 class LoraBlocks:
     block_r: int = 16      # rank rows per step (at most POOL_SLACK_ROWS)
     block_k: int = 256     # shrink: input columns per step
-    block_n: int = 256     # expand: output columns per program
+    block_n: int = 512     # expand: output columns per program
     block_t: int = 32      # segment kernels: tokens per tile
     num_warps: int = 4
     num_stages: int = 2
@@ -128,13 +128,12 @@ def _interpret(interpret: bool | None) -> bool:
 # ----------------------------------------------------------------------------- per-token kernels
 
 def _shrink_tokens_kernel(slot_ref, start_ref, rank_ref, x_ref, a_ref, *rest, block_r, block_k,
-                          blocks_per_split, n_kblocks, has_u):
+                          n_splits, n_kblocks, has_u):
     u_ref, o_ref = (rest if has_u else (None, *rest))
     t, m, ks = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     s = slot_ref[t]
     rank, row0 = rank_ref[m, s], start_ref[m, s]
-    kb0 = ks * blocks_per_split
-    kb1 = jnp.minimum(kb0 + blocks_per_split, n_kblocks)
+    kb0, kb1 = ks * n_kblocks // n_splits, (ks + 1) * n_kblocks // n_splits
 
     def rank_block(rb, carry):
         rows = rb * block_r + jnp.arange(block_r)
@@ -166,7 +165,7 @@ def _expand_tokens_kernel(slot_ref, start_ref, rank_ref, scale_ref, v_ref, y_ref
     (o_ref,) = rest
     t, nb = pl.program_id(0), pl.program_id(1)
     s = slot_ref[t]
-    n_splits = v_ref.shape[0]
+    n_splits = v_ref.shape[0]   # a power of two (see _splits)
     for m in range(M):
         in_module = (nb >= first_block[m]) & (nb < first_block[m + 1])
 
@@ -179,11 +178,9 @@ def _expand_tokens_kernel(slot_ref, start_ref, rank_ref, scale_ref, v_ref, y_ref
             def rank_block(rb, acc):
                 rows = rb * block_r + jnp.arange(block_r)
                 live = rows < rank
-                vr = jnp.zeros((block_r,), jnp.float32)
-                for ks in range(n_splits):  # (array indices: interpret mode needs them)
-                    vr += pltriton.load(v_ref.at[jnp.int32(ks), jnp.int32(m), t,
-                                                 pl.ds(rb * block_r, block_r)],
-                                        mask=live, other=0.0)
+                vr = pltriton.load(  # every split of D at once: [KS, BR], then their sum
+                    v_ref.at[pl.ds(0, n_splits), jnp.int32(m), t, pl.ds(rb * block_r, block_r)],
+                    mask=live[None, :], other=0.0).sum(axis=0)
                 bt = pltriton.load(b_refs[m].at[pl.ds(row0 + rb * block_r, block_r), cols],
                                    mask=live[:, None], other=0.0)         # [BR, BN]
                 return acc + jnp.sum(vr[:, None] * bt.astype(jnp.float32), axis=0)
@@ -212,8 +209,7 @@ def _segment_rows(seg_ref, tile, block_t, T):
 
 
 def _shrink_segments_kernel(seg_ref, slot_ref, start_ref, rank_ref, x_ref, a_ref, *rest,
-                            block_t, block_r, block_k, n_rblocks, n_splits, blocks_per_split,
-                            has_u):
+                            block_t, block_r, block_k, n_rblocks, n_splits, has_u):
     u_ref, o_ref = (rest if has_u else (None, *rest))
     tile, mrk = pl.program_id(1), pl.program_id(2)   # mrk: module, rank block, split of D
     m, rb, ks = mrk // (n_rblocks * n_splits), (mrk // n_splits) % n_rblocks, mrk % n_splits
@@ -234,9 +230,9 @@ def _shrink_segments_kernel(seg_ref, slot_ref, start_ref, rank_ref, x_ref, a_ref
                                mask=live_r[:, None], other=0.0)            # [BR, BK]
             return acc + jnp.dot(xt, at.T, precision=_HIGHEST, preferred_element_type=jnp.float32)
 
-        kb0 = ks * blocks_per_split
-        acc = lax.fori_loop(kb0, jnp.minimum(kb0 + blocks_per_split, D // block_k), k_step,
-                            jnp.zeros((block_t, block_r), jnp.float32))
+        n_kblocks = D // block_k
+        acc = lax.fori_loop(ks * n_kblocks // n_splits, (ks + 1) * n_kblocks // n_splits,
+                            k_step, jnp.zeros((block_t, block_r), jnp.float32))
         if has_u:
             acc = acc * pltriton.load(u_ref.at[m, s, pl.ds(rb * block_r, block_r)],
                                       mask=live_r, other=0.0).astype(jnp.float32)[None, :]
@@ -266,11 +262,10 @@ def _expand_segments_kernel(seg_ref, slot_ref, start_ref, rank_ref, scale_ref, v
 
             def rank_block(rb, acc):
                 live_r = rb * block_r + jnp.arange(block_r) < rank
-                vt = jnp.zeros((block_t, block_r), jnp.float32)
-                for ks in range(v_ref.shape[0]):   # add up the shrink's splits of D
-                    vt += pltriton.load(v_ref.at[jnp.int32(ks), jnp.int32(m), pl.ds(w0, block_t),
-                                                 pl.ds(rb * block_r, block_r)],
-                                        mask=live_t[:, None] & live_r[None, :], other=0.0)
+                vt = pltriton.load(  # every split of D at once: [KS, BT, BR], then their sum
+                    v_ref.at[pl.ds(0, v_ref.shape[0]), jnp.int32(m), pl.ds(w0, block_t),
+                             pl.ds(rb * block_r, block_r)],
+                    mask=(live_t[:, None] & live_r[None, :])[None], other=0.0).sum(axis=0)
                 bt = pltriton.load(b_refs[m].at[pl.ds(row0 + rb * block_r, block_r), cols],
                                    mask=live_r[:, None], other=0.0)        # [BR, BN]
                 return acc + jnp.dot(vt.astype(bt.dtype), bt, precision=_HIGHEST,
@@ -370,20 +365,18 @@ def lora_shrink(x: jax.Array, weights: LoraWeights, batch: LoraBatch, *, impl: s
         xp = jnp.pad(x, ((0, max(0, BT - T)), (0, 0)))
         Tp, n_seg = xp.shape[0], batch.seg_slots.shape[0]
         tiles = pl.cdiv(Tp, BT)
-        per_split, n_splits = _splits(n_kblocks, tiles * M * (R // BR), blocks)
+        n_splits = _splits(n_kblocks, tiles * M * (R // BR), blocks)
         kernel = functools.partial(_shrink_segments_kernel, block_t=BT, block_r=BR, block_k=BK,
-                                   n_rblocks=R // BR, n_splits=n_splits,
-                                   blocks_per_split=per_split, has_u=u is not None)
+                                   n_rblocks=R // BR, n_splits=n_splits, has_u=u is not None)
         out = pl.pallas_call(
             kernel, grid=(n_seg, tiles, M * (R // BR) * n_splits),
             out_shape=jax.ShapeDtypeStruct((n_splits, M, Tp, R), jnp.float32),
             compiler_params=_compiler(blocks), interpret=_interpret(interpret),
         )(batch.seg_starts, batch.seg_slots, *tables, xp, *operands[1:])
         return out[:, :, :T]
-    per_split, n_splits = _splits(n_kblocks, T * M, blocks)
+    n_splits = _splits(n_kblocks, T * M, blocks)
     kernel = functools.partial(_shrink_tokens_kernel, block_r=BR, block_k=BK,
-                               blocks_per_split=per_split, n_kblocks=n_kblocks,
-                               has_u=u is not None)
+                               n_splits=n_splits, n_kblocks=n_kblocks, has_u=u is not None)
     return pl.pallas_call(
         kernel, grid=(T, M, n_splits),
         out_shape=jax.ShapeDtypeStruct((n_splits, M, T, R), jnp.float32),
@@ -391,11 +384,11 @@ def lora_shrink(x: jax.Array, weights: LoraWeights, batch: LoraBatch, *, impl: s
     )(batch.token_slots, *tables, *operands)
 
 
-def _splits(n_kblocks: int, programs: int, blocks: LoraBlocks) -> tuple[int, int]:
-    """(k blocks per split, splits) so that about blocks.target_programs programs run."""
+def _splits(n_kblocks: int, programs: int, blocks: LoraBlocks) -> int:
+    """How many parts to split D into: a power of two (the expand loads them as one tile),
+    at most max_splits, so that about target_programs programs run."""
     wanted = min(n_kblocks, blocks.max_splits, max(1, blocks.target_programs // programs))
-    per_split = pl.cdiv(n_kblocks, wanted)
-    return per_split, pl.cdiv(n_kblocks, per_split)
+    return 1 << (wanted.bit_length() - 1)
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "blocks", "interpret"), donate_argnums=0)
