@@ -3,6 +3,10 @@ import os
 # Tests run on the CPU unless a GPU test asks otherwise; keep XLA from grabbing every core
 # twice over when pytest and XLA both parallelize.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Four CPU devices, so sharded code runs on a real (if host-simulated) mesh.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

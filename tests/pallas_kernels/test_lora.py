@@ -264,3 +264,24 @@ def test_shrink_split_over_d_adds_up(form):
     blocks = LoraBlocks(block_k=32, block_t=16)
     assert lora_shrink(x, weights, batch, blocks=blocks).shape[0] > 1   # really split
     check(x, y, weights, batch, jnp.float32, blocks)
+
+
+def test_inside_shard_map_over_tokens():
+    """Tokens split over a mesh, adapters replicated: each device runs the kernels locally."""
+    from jax.sharding import PartitionSpec as P
+    n = len(jax.devices())
+    mesh = jax.make_mesh((n,), ("tokens",), axis_types=(jax.sharding.AxisType.Auto,))
+    rng = np.random.default_rng(17)
+    weights = random_weights(rng, MIXED)
+    T = 8 * n
+    x, y = inputs(rng, T, jnp.float32)
+    slots = jnp.asarray(rng.integers(0, len(MIXED), T), jnp.int32)
+
+    def local(x, y, slots, weights):
+        return lora_apply(x, y, weights, LoraBatch(token_slots=slots))
+
+    sharded = jax.jit(jax.shard_map(
+        local, mesh=mesh, in_specs=(P("tokens"), P("tokens"), P("tokens"), P()),
+        out_specs=P("tokens"), check_vma=False))   # check_vma off: interpret-mode pallas_call
+    ref = lora_apply(x, jnp.array(y), weights, LoraBatch(token_slots=slots), impl="xla")
+    assert rel_err(sharded(x, y, slots, weights), ref) < 1e-5
