@@ -14,8 +14,8 @@ from pathlib import Path
 from jlora.loader import DEFAULT_MODEL, DTYPES
 
 REQUEST_KEYS = ("prompt", "prompt_token_ids", "messages", "max_tokens", "temperature", "top_p",
-                "top_k", "seed", "stop", "stop_token_ids", "ignore_eos")
-_SAMPLING_KEYS = REQUEST_KEYS[3:]
+                "top_k", "seed", "stop", "stop_token_ids", "ignore_eos", "adapter")
+_SAMPLING_KEYS = REQUEST_KEYS[3:-1]
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -31,6 +31,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="register an adapter (PEFT or jlora directory); repeatable")
+    p.add_argument("--use-adapter", metavar="NAME", default=None,
+                   help="the adapter the PROMPT arguments run with (default: the base model)")
+    p.add_argument("--max-loras", type=int, default=None,
+                   help="adapter slots on the device (default: one per --adapter)")
+    p.add_argument("--max-lora-rank", type=int, default=None,
+                   help="largest adapter rank a slot holds (default: the largest given)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,13 +70,13 @@ def _sampling(args, overrides: dict | None = None):
     return SamplingParams(**values)
 
 
-def read_requests(path: Path, args) -> tuple[list, list]:
-    """Prompts and sampling params from a JSONL file; errors name the line."""
+def read_requests(path: Path, args) -> tuple[list, list, list]:
+    """Prompts, sampling params and adapter names from a JSONL file; errors name the line."""
     try:
         lines = path.read_text().splitlines()
     except OSError as e:
         raise ValueError(f"cannot read requests file {path}: {e.strerror}") from None
-    prompts, params = [], []
+    prompts, params, adapters = [], [], []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -97,10 +105,35 @@ def read_requests(path: Path, args) -> tuple[list, list]:
             params.append(_sampling(args, {k: req[k] for k in _SAMPLING_KEYS if k in req}))
         except (ValueError, TypeError) as e:
             raise ValueError(f"{where}: {e}") from None
+        adapter = req.get("adapter")
+        if adapter is not None and not isinstance(adapter, str):
+            raise ValueError(f"{where}: adapter must be a name (string), got {adapter!r}")
         prompts.append(prompt)
+        adapters.append(adapter)
     if not prompts:
         raise ValueError(f"requests file {path} has no requests")
-    return prompts, params
+    return prompts, params, adapters
+
+
+def load_adapters(model, args) -> None:
+    """Register every --adapter NAME=PATH in the model's bank."""
+    from jlora.formats.native import read_adapter
+    from jlora.loader import load_adapter
+    pairs = []
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter {spec!r}: expected NAME=PATH")
+        if name in (n for n, _ in pairs):
+            raise ValueError(f"--adapter {spec!r}: the name {name!r} is given twice")
+        pairs.append((name, path))
+    if not pairs:
+        return
+    adapters = [read_adapter(p, model.config.n_layers, n) for n, p in pairs]
+    max_rank = args.max_lora_rank or max(a.max_rank for a in adapters)
+    for adapter in adapters:
+        load_adapter(model, adapter, max_loras=args.max_loras or len(adapters),
+                     max_lora_rank=max_rank)
 
 
 def cmd_generate(args) -> int:
@@ -109,17 +142,19 @@ def cmd_generate(args) -> int:
     if args.requests and args.prompts:
         raise ValueError("give prompts either as arguments or with --requests, not both")
     if args.requests:
-        prompts, params = read_requests(args.requests, args)
+        prompts, params, adapters = read_requests(args.requests, args)
     elif args.prompts:
         prompts, params = args.prompts, [_sampling(args)] * len(args.prompts)
+        adapters = [args.use_adapter] * len(prompts)
     else:
         raise ValueError("nothing to generate: give a PROMPT or --requests FILE.jsonl")
     model = load_model(args.model, args.dtype)
-    completions = generate(model, prompts, params, chat=not args.no_chat)
+    load_adapters(model, args)
+    completions = generate(model, prompts, params, chat=not args.no_chat, adapters=adapters)
     for i, c in enumerate(completions):
         if args.json:
-            print(json.dumps({"index": i, "text": c.text, "token_ids": c.token_ids,
-                              "finish_reason": c.finish_reason,
+            print(json.dumps({"index": i, "adapter": adapters[i] or None, "text": c.text,
+                              "token_ids": c.token_ids, "finish_reason": c.finish_reason,
                               "prompt_tokens": len(c.prompt_token_ids)}, ensure_ascii=False))
         else:
             if len(completions) > 1:
@@ -132,6 +167,7 @@ def cmd_chat(args) -> int:
     from jlora.generate import generate
     from jlora.loader import load_model
     model = load_model(args.model, args.dtype)
+    load_adapters(model, args)
     if model.tokenizer is None or model.tokenizer.chat_template is None:
         raise ValueError(f"model {args.model!r} has no chat template")
     params = _sampling(args)
@@ -145,7 +181,7 @@ def cmd_chat(args) -> int:
         if not line:
             break
         messages.append({"role": "user", "content": line})
-        reply = generate(model, [messages], params)[0].text
+        reply = generate(model, [messages], params, adapters=[args.use_adapter])[0].text
         messages.append({"role": "assistant", "content": reply})
         print(reply, flush=True)
     return 0

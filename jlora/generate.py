@@ -21,7 +21,9 @@ import numpy as np
 
 from jlora.config import ModelConfig
 from jlora.loader import Model
-from jlora.model import KVCache, Params, forward, init_cache, logits
+from jlora.model import (KVCache, LoraContext, Params, forward, init_cache, logits,
+                         rows_as_segments)
+from pallas_kernels.lora import LoraBatch
 from jlora.sampling import SamplingArrays, SamplingParams, make_sampling_arrays, sample, seed_key
 from jlora.tokenizer import IncrementalDecoder
 from pallas_kernels import default_impl
@@ -40,12 +42,17 @@ class Completion:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames="cache")
 def prefill_step(params: Params, cache: KVCache, tokens: jax.Array, lengths: jax.Array,
-                 sampling: SamplingArrays, *, cfg: ModelConfig, impl: str = "xla"):
-    """Prefill right-padded prompts tokens [B, T] of lengths [B]; sample each row's next token."""
+                 sampling: SamplingArrays, bank=None, row_slots: jax.Array | None = None, *,
+                 cfg: ModelConfig, impl: str = "xla"):
+    """Prefill right-padded prompts tokens [B, T] of lengths [B]; sample each row's next token.
+
+    With a bank (`BankArrays`), row b runs with adapter slot row_slots[b] (0: none).
+    """
     B, T = tokens.shape
     steps = jnp.arange(T)[None, :]
     positions = jnp.where(steps < lengths[:, None], steps, cache.length)  # padding: dropped
-    h, cache = forward(params, cfg, tokens, positions, cache, impl)
+    lora = None if bank is None else LoraContext(bank, rows_as_segments(row_slots, T))
+    h, cache = forward(params, cfg, tokens, positions, cache, impl, lora)
     last = h[jnp.arange(B), jnp.maximum(lengths - 1, 0)]               # [B, D]
     next_tokens, logprobs = sample(logits(params, cfg, last), sampling)
     return next_tokens, logprobs, cache
@@ -53,9 +60,11 @@ def prefill_step(params: Params, cache: KVCache, tokens: jax.Array, lengths: jax
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames="cache")
 def decode_step(params: Params, cache: KVCache, tokens: jax.Array, positions: jax.Array,
-                sampling: SamplingArrays, *, cfg: ModelConfig, impl: str = "xla"):
+                sampling: SamplingArrays, bank=None, row_slots: jax.Array | None = None, *,
+                cfg: ModelConfig, impl: str = "xla"):
     """One token per row: tokens [B] at positions [B] (cache length = inactive row)."""
-    h, cache = forward(params, cfg, tokens[:, None], positions[:, None], cache, impl)
+    lora = None if bank is None else LoraContext(bank, LoraBatch(token_slots=row_slots))
+    h, cache = forward(params, cfg, tokens[:, None], positions[:, None], cache, impl, lora)
     next_tokens, logprobs = sample(logits(params, cfg, h[:, 0]), sampling)
     return next_tokens, logprobs, cache
 
@@ -88,9 +97,11 @@ def encode_prompt(model: Model, prompt: Prompt, chat: bool) -> list[int]:
 
 def generate(model: Model, prompts: Sequence[Prompt],
              params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
-             chat: bool = True, impl: str | None = None) -> list[Completion]:
+             chat: bool = True, impl: str | None = None,
+             adapters: Sequence[str | None] | None = None) -> list[Completion]:
     """Generate a completion for each prompt, all in one batch.
 
+    `adapters[i]` names the loaded adapter prompt i runs with (None or "": the base model).
     `impl` picks the kernels: "pallas" (GPU) or "xla"; by default Pallas on a GPU.
     """
     if isinstance(params, SamplingParams):
@@ -99,6 +110,13 @@ def generate(model: Model, prompts: Sequence[Prompt],
         raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
     if not prompts:
         return []
+    adapters = list(adapters) if adapters is not None else [None] * len(prompts)
+    if len(adapters) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapter names")
+    if any(adapters) and model.bank is None:
+        raise ValueError(f"requests name adapters {sorted(set(filter(None, adapters)))} but "
+                         "none is loaded")
+    slots = [model.bank.slot_of(a) if model.bank is not None else 0 for a in adapters]
     prompt_ids = [encode_prompt(model, p, chat) for p in prompts]
     cfg = model.config
     for i, ids in enumerate(prompt_ids):
@@ -109,11 +127,11 @@ def generate(model: Model, prompts: Sequence[Prompt],
                              f"of {cfg.max_seq_len} tokens")
         if params[i].stop and model.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
-    return _run(model, prompt_ids, list(params), impl or default_impl())
+    return _run(model, prompt_ids, list(params), slots, impl or default_impl())
 
 
 def _run(model: Model, prompt_ids: list[list[int]], params: list[SamplingParams],
-         impl: str) -> list[Completion]:
+         slots: list[int], impl: str) -> list[Completion]:
     cfg, n = model.config, len(prompt_ids)
     lengths = np.array([len(p) for p in prompt_ids], np.int32)
     B = bucket(n)
@@ -127,9 +145,11 @@ def _run(model: Model, prompt_ids: list[list[int]], params: list[SamplingParams]
     padded_lengths = np.concatenate([lengths, np.zeros(B - n, np.int32)])
 
     cache = init_cache(cfg, B, S, model.dtype)
+    bank = model.bank.arrays if model.bank is not None else None
+    row_slots = np.array(slots + [0] * (B - n), np.int32)
     sampling = make_sampling_arrays(params, keys, [0] * n, B)
     next_tokens, logprobs, cache = prefill_step(model.params, cache, tokens, padded_lengths,
-                                                sampling, cfg=cfg, impl=impl)
+                                                sampling, bank, row_slots, cfg=cfg, impl=impl)
     rows = [_Row(model, prompt_ids[i], params[i]) for i in range(n)]
     while True:
         toks, lps = np.asarray(next_tokens), np.asarray(logprobs)
@@ -147,7 +167,8 @@ def _run(model: Model, prompt_ids: list[list[int]], params: list[SamplingParams]
                 feed[i] = row.ids[-1]
         sampling = make_sampling_arrays(params, keys, [len(r.ids) for r in rows], B)
         next_tokens, logprobs, cache = decode_step(model.params, cache, feed, positions,
-                                                   sampling, cfg=cfg, impl=impl)
+                                                   sampling, bank, row_slots, cfg=cfg,
+                                                   impl=impl)
     return [row.completion() for row in rows]
 
 

@@ -15,7 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.adapters import Adapter
+from jlora.bank import AdapterBank
 from jlora.config import PRESETS, ModelConfig
+from jlora.formats.native import read_adapter
 from jlora.formats.gguf_file import load_gguf
 from jlora.formats.hf_dir import load_hf_dir, read_json
 from jlora.model import Params, init_params
@@ -35,6 +38,7 @@ class Model:
     params: Params
     tokenizer: Tokenizer | None   # None for random-weight presets
     source: str
+    bank: AdapterBank | None = None   # adapters loaded for serving (load_adapter)
 
     @property
     def dtype(self):
@@ -88,3 +92,17 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | None = None, seed: int = 
                                                              *tokenizer.eos_token_ids])))
     params = jax.tree.map(lambda w: jnp.asarray(np.asarray(w), DTYPES[dtype]), host_params)
     return Model(cfg, params, tokenizer, str(path))
+
+
+def load_adapter(model: Model, adapter: Adapter | str | Path, name: str | None = None,
+                 max_loras: int = 8, max_lora_rank: int = 64) -> int:
+    """Load an adapter (an `Adapter`, or the path of a PEFT or native directory) into the
+    model's bank, made on first use with max_loras slots of rank up to max_lora_rank; returns
+    its slot. Loading never recompiles the model's jitted steps."""
+    if not isinstance(adapter, Adapter):
+        adapter = read_adapter(adapter, model.config.n_layers, name)
+    if not adapter.name or "=" in adapter.name:
+        raise ValueError(f"adapter name {adapter.name!r} must be non-empty and contain no '='")
+    if model.bank is None:
+        model.bank = AdapterBank(model.config, max_loras + 1, max_lora_rank, model.dtype)
+    return model.bank.load(adapter, model.params)

@@ -29,6 +29,7 @@ import numpy as np
 
 from jlora.config import ModelConfig
 from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.lora import LoraBatch, lora_apply
 
 Params = dict
 
@@ -42,6 +43,33 @@ class KVCache(NamedTuple):
     @property
     def length(self) -> int:
         return self.k[0].shape[2]
+
+
+class LoraContext(NamedTuple):
+    """Adapters for one forward: the bank's arrays (`jlora.bank.BankArrays`) and which slot
+    each of the B*T flattened tokens uses."""
+
+    bank: object
+    batch: LoraBatch
+
+
+def project(x: jax.Array, w: jax.Array, lora: LoraContext | None, layer: int, group: str,
+            impl: str) -> jax.Array:
+    """x [B, T, in] @ w [in, out], plus every token's adapter on this projection group."""
+    y = x @ w
+    if lora is None:
+        return y
+    B, T, _ = x.shape
+    y = lora_apply(x.reshape(B * T, -1), y.reshape(B * T, -1), lora.bank.weights(layer, group),
+                   lora.batch, impl=impl)
+    return y.reshape(B, T, -1)
+
+
+def rows_as_segments(row_slots: jax.Array, T: int) -> LoraBatch:
+    """The LoRA batch of a [B, T] token block whose row b uses slot row_slots[b]."""
+    B = row_slots.shape[0]
+    return LoraBatch(seg_starts=jnp.arange(B + 1, dtype=jnp.int32) * T,
+                     seg_slots=row_slots.astype(jnp.int32))
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> KVCache:
@@ -144,11 +172,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> ja
 
 
 def attention(layer: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array,
-              inv_freq: jax.Array, k_cache: jax.Array, v_cache: jax.Array, impl: str):
+              inv_freq: jax.Array, k_cache: jax.Array, v_cache: jax.Array, impl: str,
+              lora: LoraContext | None = None, index: int = 0):
     B, T, _ = x.shape
     H, G, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
-    qkv = h @ layer["wqkv"]                                             # [B, T, (H+2G)*E]
+    qkv = project(h, layer["wqkv"], lora, index, "qkv", impl)          # [B, T, (H+2G)*E]
     if cfg.qkv_bias:
         qkv = qkv + layer["bqkv"]
     q, k, v = jnp.split(qkv, [H * E, (H + G) * E], axis=-1)
@@ -161,30 +190,35 @@ def attention(layer: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array,
         out = decode_attention(q[:, 0], k_cache, v_cache, positions[:, 0] + 1, impl=impl)
     else:
         out = attend(q, k_cache, v_cache, positions)
-    return x + out.reshape(B, T, H * E) @ layer["wo"], k_cache, v_cache
+    out = project(out.reshape(B, T, H * E), layer["wo"], lora, index, "o", impl)
+    return x + out, k_cache, v_cache
 
 
-def mlp(layer: dict, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+def mlp(layer: dict, cfg: ModelConfig, x: jax.Array, impl: str = "xla",
+        lora: LoraContext | None = None, index: int = 0) -> jax.Array:
     h = rms_norm(x, layer["mlp_norm"], cfg.norm_eps)
-    gate, up = jnp.split(h @ layer["w_gate_up"], 2, axis=-1)           # [B, T, F] each
-    return x + (jax.nn.silu(gate) * up) @ layer["w_down"]
+    gate_up = project(h, layer["w_gate_up"], lora, index, "gate_up", impl)
+    gate, up = jnp.split(gate_up, 2, axis=-1)                           # [B, T, F] each
+    return x + project(jax.nn.silu(gate) * up, layer["w_down"], lora, index, "down", impl)
 
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
-            cache: KVCache, impl: str = "xla") -> tuple[jax.Array, KVCache]:
+            cache: KVCache, impl: str = "xla",
+            lora: LoraContext | None = None) -> tuple[jax.Array, KVCache]:
     """Run tokens [B, T] at positions [B, T] through all layers.
 
-    `impl` picks the decode attention: "pallas" (the GPU kernel) or "xla" (the CPU path).
+    `impl` picks the kernels: "pallas" (GPU) or "xla" (the CPU path). `lora` adds each
+    token's adapter to every projection (None: the base model alone).
 
     Returns the final-normed hidden states [B, T, D] and the cache with the tokens' K/V added.
     """
     inv_freq = jnp.asarray(rope_frequencies(cfg))
     x = params["embed"][tokens]                                         # [B, T, D]
     ks, vs = [], []
-    for layer, k_cache, v_cache in zip(params["layers"], cache.k, cache.v):
+    for i, (layer, k_cache, v_cache) in enumerate(zip(params["layers"], cache.k, cache.v)):
         x, k_cache, v_cache = attention(layer, cfg, x, positions, inv_freq, k_cache, v_cache,
-                                        impl)
-        x = mlp(layer, cfg, x)
+                                        impl, lora, i)
+        x = mlp(layer, cfg, x, impl, lora, i)
         ks.append(k_cache)
         vs.append(v_cache)
     return rms_norm(x, params["final_norm"], cfg.norm_eps), KVCache(tuple(ks), tuple(vs))
@@ -198,10 +232,13 @@ def logits(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     return jnp.einsum("...d,dv->...v", h, params["lm_head"], preferred_element_type=jnp.float32)
 
 
-def full_logits(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
-    """Logits [B, T, V] of whole sequences from position 0 (a fresh cache): the test oracle path."""
+def full_logits(params: Params, cfg: ModelConfig, tokens: jax.Array, bank=None,
+                row_slots: jax.Array | None = None, impl: str = "xla") -> jax.Array:
+    """Logits [B, T, V] of whole sequences from position 0 (a fresh cache): the test oracle
+    path. With a bank (`BankArrays`), row b uses adapter slot row_slots[b]."""
     B, T = tokens.shape
     cache = init_cache(cfg, B, T, params["embed"].dtype)
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-    h, _ = forward(params, cfg, tokens, positions, cache)
+    lora = None if bank is None else LoraContext(bank, rows_as_segments(row_slots, T))
+    h, _ = forward(params, cfg, tokens, positions, cache, impl, lora)
     return logits(params, cfg, h)

@@ -107,3 +107,46 @@ def write_gguf(model, path: Path, qtype=gguf.GGMLQuantizationType.F32, rope_freq
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def make_peft_adapter(variant: str, path: Path, seed: int = 0, **lora_kwargs):
+    """A PEFT adapter with random A and B (init_lora_weights=False) on a tiny model variant,
+    saved to `path`; returns the PEFT model (the oracle)."""
+    from peft import LoraConfig, get_peft_model
+    base = make_hf_model(variant)
+    torch.manual_seed(seed)
+    lora_kwargs.setdefault("target_modules", "all-linear")
+    config = LoraConfig(r=lora_kwargs.pop("r", 8), lora_alpha=lora_kwargs.pop("lora_alpha", 16),
+                        init_lora_weights=False, **lora_kwargs)
+    model = get_peft_model(base, config).eval()
+    perturb_dora_magnitudes(model, seed)
+    model.save_pretrained(path)
+    return model
+
+
+def perturb_dora_magnitudes(peft_model, seed: int = 0, spread: float = 1.0) -> None:
+    """PEFT starts DoRA's magnitude at ||W + sBA||, making its scale exactly 1: move it (by a
+    factor in 1 +- spread/2), so a test can tell DoRA from LoRA."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 - spread / 2 + spread * torch.rand(p.shape, generator=gen))
+
+
+def random_tied_adapter(cfg, name: str = "tied", rank: int = 8, seed: int = 0,
+                        targets=("q", "v", "down")):
+    """A Tied-LoRA adapter: one A and one B per target shared by all layers, per-layer u, v."""
+    from jlora.adapters import Adapter, ModuleAdapter, target_shapes
+    rng = np.random.default_rng(seed)
+    shapes = target_shapes(cfg)
+    modules = {}
+    for t in targets:
+        n_in, n_out = shapes[t]
+        a = (rng.normal(size=(rank, n_in)) / np.sqrt(n_in)).astype(np.float32)
+        b = (rng.normal(size=(n_out, rank)) * 0.5).astype(np.float32)
+        for layer in range(cfg.n_layers):
+            modules[(layer, t)] = ModuleAdapter(
+                a=a, b=b, scale=1.0, u=rng.uniform(0.5, 1.5, rank).astype(np.float32),
+                w=rng.uniform(0.5, 1.5, n_out).astype(np.float32))
+    return Adapter(name=name, variant="tied", modules=modules)

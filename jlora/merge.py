@@ -1,0 +1,44 @@
+"""Merged serving: fold one adapter into the base weights (dLoRA's merged mode).
+
+    W' = g * (W + s * diag(w) B diag(u) A)     (in PEFT's [out, in] terms; g = 1 unless DoRA)
+
+`merge` returns new params and leaves the given ones untouched, so "unmerging" is returning
+to the original params object: the base weights come back bit for bit, never recomputed by
+a subtraction in bf16. Works on the fused qkv / gate_up layout of `jlora.model`.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jlora.adapters import Adapter
+from jlora.bank import base_weight
+from jlora.config import ModelConfig
+
+_FUSED = {"q": "wqkv", "k": "wqkv", "v": "wqkv", "o": "wo", "gate": "w_gate_up",
+          "up": "w_gate_up", "down": "w_down"}
+
+
+def merge(params: dict, cfg: ModelConfig, adapter: Adapter) -> dict:
+    """Params with `adapter` folded in; `params` itself is not modified."""
+    adapter.validate(cfg)
+    layers = [dict(layer) for layer in params["layers"]]
+    for (layer, target), mod in sorted(adapter.modules.items()):
+        w = base_weight(params, cfg, layer, target).astype(jnp.float32)          # [in, out]
+        a = jnp.asarray(mod.a) * (1.0 if mod.u is None else jnp.asarray(mod.u)[:, None])
+        delta = mod.scale * (jnp.asarray(mod.b) @ a).T                           # [in, out]
+        if mod.w is not None:
+            delta = delta * jnp.asarray(mod.w)[None, :]
+        merged = w + delta
+        if mod.m is not None:  # DoRA: rescale each output column to its magnitude
+            merged = merged * (jnp.asarray(mod.m) / jnp.linalg.norm(merged, axis=0))[None, :]
+        name = _FUSED[target]
+        lo = _column_offset(cfg, target)
+        fused = layers[layer][name]
+        layers[layer][name] = fused.at[:, lo:lo + merged.shape[1]].set(merged.astype(fused.dtype))
+    return {**params, "layers": layers}
+
+
+def _column_offset(cfg: ModelConfig, target: str) -> int:
+    H, G, E, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+    return {"q": 0, "k": H * E, "v": (H + G) * E, "o": 0, "gate": 0, "up": F, "down": 0}[target]
