@@ -15,6 +15,7 @@ The last line of stdout is one JSON document.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -24,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.profiling import print_kernels
+from jlora.adapters import GROUPS, target_shapes
+from jlora.bank import AdapterBank, BankArrays
 from jlora.config import preset
 from jlora.generate import decode_step
 from jlora.model import KVCache, init_params
@@ -73,8 +76,44 @@ def random_cache(cfg, batch, length, dtype, key) -> KVCache:
                    tuple(make(keys[cfg.n_layers + i]) for i in range(cfg.n_layers)))
 
 
+def random_bank(cfg, n_adapters: int, rank: int, dtype, key) -> AdapterBank:
+    """A bank of n random rank-`rank` LoRA adapters on all seven projections, filled on the
+    device (the benchmark times decoding, not loading)."""
+    bank = AdapterBank(cfg, n_adapters + 1, rank, dtype, features=())
+    L, S, R = cfg.n_layers, n_adapters + 1, rank
+    keys = iter(jax.random.split(key, 64))
+    fill = lambda x: (0.02 * jax.random.normal(next(keys), x.shape, jnp.float32)  # noqa: E731
+                      ).astype(x.dtype)
+    pools = {g: (fill(a), tuple(fill(b) for b in bs)) for g, (a, bs) in bank.arrays.pools.items()}
+    tables = []
+    for layer in range(L):
+        per_group = {}
+        for group, targets in GROUPS.items():
+            M = len(targets)
+            slots = np.arange(1, S)
+            a_start = np.zeros((M, S), np.int32)
+            b_start = np.zeros((M, S), np.int32)
+            for m in range(M):
+                a_start[m, 1:] = (slots - 1) * L * M * R + (layer * M + m) * R
+                b_start[m, 1:] = (slots - 1) * L * R + layer * R
+            rank_t = np.full((M, S), R, np.int32)
+            rank_t[:, 0] = 0
+            per_group[group] = dict(a_start=jnp.asarray(a_start), b_start=jnp.asarray(b_start),
+                                    rank=jnp.asarray(rank_t),
+                                    scale=jnp.full((M, S), 0.5, jnp.float32))
+        tables.append(per_group)
+    bank.arrays = BankArrays(pools=pools, tables=tables, max_rank=R)
+    return bank
+
+
+def adapter_bytes(cfg, rank: int, dtype) -> int:
+    """Bytes of one rank-`rank` adapter on all seven projections of every layer."""
+    per_layer = sum(n_in + n_out for n_in, n_out in target_shapes(cfg).values())
+    return cfg.n_layers * rank * per_layer * jnp.dtype(dtype).itemsize
+
+
 def bench_batch(params, cfg, batch: int, context: int, dtype, steps: int, reps: int,
-                impl: str) -> dict:
+                impl: str, bank=None, rank: int = 0) -> dict:
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     if not cfg.tie_embeddings:  # only `batch` rows of the embedding table are read
         weight_bytes -= params["embed"].nbytes
@@ -86,29 +125,35 @@ def bench_batch(params, cfg, batch: int, context: int, dtype, steps: int, reps: 
         [0] * batch, batch))
     tokens = jax.random.randint(jax.random.key(1), (batch,), 0, cfg.vocab_size)
     positions = jnp.full((batch,), context - 1, jnp.int32)  # attend over the whole context
+    arrays, row_slots, lora_bytes = None, None, 0
+    if bank is not None:   # row b on its own adapter (distinct, while there are enough)
+        n = bank.n_slots - 1
+        arrays = bank.arrays
+        row_slots = jnp.asarray(1 + np.arange(batch) % n, jnp.int32)
+        lora_bytes = min(batch, n) * adapter_bytes(cfg, rank, dtype)
+    step = functools.partial(decode_step, cfg=cfg, impl=impl)
 
     t = time.perf_counter()
-    tokens, _, cache = decode_step(params, cache, tokens, positions, sampling, cfg=cfg,
-                                   impl=impl)
+    tokens, _, cache = step(params, cache, tokens, positions, sampling, arrays, row_slots)
     tokens.block_until_ready()
     compile_s = time.perf_counter() - t
     for _ in range(3):
-        tokens, _, cache = decode_step(params, cache, tokens, positions, sampling, cfg=cfg,
-                                   impl=impl)
+        tokens, _, cache = step(params, cache, tokens, positions, sampling, arrays, row_slots)
     tokens.block_until_ready()
     per_step = []
     for _ in range(reps):
         t = time.perf_counter()
         for _ in range(steps):
-            tokens, _, cache = decode_step(params, cache, tokens, positions, sampling, cfg=cfg,
-                                   impl=impl)
+            tokens, _, cache = step(params, cache, tokens, positions, sampling, arrays, row_slots)
         tokens.block_until_ready()
         per_step.append((time.perf_counter() - t) / steps)
     step_s = statistics.median(per_step)
-    return dict(impl=impl, batch=batch, context=context, step_ms=step_s * 1e3,
+    total = weight_bytes + kv_bytes + lora_bytes
+    return dict(impl=impl, batch=batch, context=context, adapters=0 if bank is None else
+                bank.n_slots - 1, rank=rank, step_ms=step_s * 1e3,
                 spread_ms=(max(per_step) - min(per_step)) * 1e3, tokens_per_s=batch / step_s,
-                weight_gb=weight_bytes / 1e9, kv_gb=kv_bytes / 1e9,
-                achieved_gbps=(weight_bytes + kv_bytes) / step_s / 1e9, compile_s=compile_s)
+                weight_gb=weight_bytes / 1e9, kv_gb=kv_bytes / 1e9, lora_gb=lora_bytes / 1e9,
+                achieved_gbps=total / step_s / 1e9, compile_s=compile_s)
 
 
 def profile_kernels(params, cfg, batch: int, context: int, dtype, impl: str, steps: int = 5):
@@ -140,6 +185,10 @@ def main():
     ap.add_argument("--reps", type=int, default=25, help="timed repeats (median taken)")
     ap.add_argument("--impl", nargs="+", default=[default_impl()], choices=["pallas", "xla"],
                     help="decode attention implementations to time (default: pallas on GPU)")
+    ap.add_argument("--adapters", type=int, default=0,
+                    help="also time each batch with this many distinct LoRA adapters (all 7 "
+                         "projections); rows take adapters round-robin")
+    ap.add_argument("--rank", type=int, default=16, help="rank of those adapters")
     ap.add_argument("--profile", type=int, nargs="*", default=[],
                     help="batch sizes whose kernels to list (needs torch with CUDA)")
     args = ap.parse_args()
@@ -152,18 +201,25 @@ def main():
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
           f"model {cfg.name} ({cfg.n_params / 1e9:.2f} B params, {args.dtype})")
     print(f"copy ceiling: {ceiling / 1e9:.0f} GB/s ({method}, read + write counted)")
+    bank = random_bank(cfg, args.adapters, args.rank, dtype, jax.random.key(3)) \
+        if args.adapters else None
     rows = []
-    for impl, b in [(impl, b) for impl in args.impl for b in args.batch]:
-        r = bench_batch(params, cfg, b, args.context, dtype, args.steps, args.reps, impl)
+    for impl, b, with_bank in [(i, b, w) for i in args.impl for b in args.batch
+                               for w in ([False, True] if bank else [False])]:
+        r = bench_batch(params, cfg, b, args.context, dtype, args.steps, args.reps, impl,
+                        bank if with_bank else None, args.rank)
         r["pct_of_ceiling"] = 100 * r["achieved_gbps"] * 1e9 / ceiling
-        r["floor_ms"] = (r["weight_gb"] + r["kv_gb"]) * 1e9 / ceiling * 1e3
+        r["floor_ms"] = (r["weight_gb"] + r["kv_gb"] + r["lora_gb"]) * 1e9 / ceiling * 1e3
+        r["vs_floor"] = r["step_ms"] / r["floor_ms"]
         rows.append(r)
+        lora = f" + {r['adapters']} adapters r={r['rank']} {r['lora_gb']:.2f} GB" \
+            if with_bank else ""
         print(f"{impl:6s} batch {b:3d}  ctx {args.context}  step {r['step_ms']:7.3f} ms "
-              f"(spread {r['spread_ms']:.3f})  floor {r['floor_ms']:.3f} ms  "
-              f"{r['tokens_per_s']:8.0f} tok/s  weights {r['weight_gb']:.2f} GB + "
-              f"KV {r['kv_gb']:.2f} GB  {r['achieved_gbps']:6.0f} GB/s = "
-              f"{r['pct_of_ceiling']:.1f}% of ceiling  (compile {r['compile_s']:.1f} s)",
-              flush=True)
+              f"(spread {r['spread_ms']:.3f})  floor {r['floor_ms']:.3f} ms "
+              f"({r['vs_floor']:.2f}x)  {r['tokens_per_s']:8.0f} tok/s  weights "
+              f"{r['weight_gb']:.2f} GB + KV {r['kv_gb']:.2f} GB{lora}  "
+              f"{r['achieved_gbps']:6.0f} GB/s = {r['pct_of_ceiling']:.1f}% of ceiling  "
+              f"(compile {r['compile_s']:.1f} s)", flush=True)
     for b in args.profile:
         profile_kernels(params, cfg, b, args.context, dtype, args.impl[0])
     print(json.dumps(dict(bench="decode_step", device=device.device_kind, jax=jax.__version__,

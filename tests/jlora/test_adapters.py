@@ -259,3 +259,20 @@ def test_dora_is_not_served_as_plain_lora(base_dirs, tmp_path):
     slot = load_adapter(model, adapter, max_lora_rank=8)
     assert np.abs(logprobs(model, slots=[slot, slot]) - hf_logprobs(peft_model, TOKENS)).max() \
         > 10 * TOL
+
+
+def test_pallas_kernels_in_the_model_equal_xla(base_dirs, tmp_path):
+    """The model's LoRA path through the Pallas kernels (interpret mode on the CPU): prefill
+    (segments) and decode (per-token slots) of a mixed batch."""
+    make_peft_adapter("llama-gqa-untied", tmp_path / "a", seed=5, use_dora=True)
+    model = load_model(str(base_dirs["llama-gqa-untied"]), "float32")
+    load_adapter(model, tmp_path / "a", name="a", max_loras=2, max_lora_rank=8)
+    write_native(random_tied_adapter(model.config, seed=6), tmp_path / "t")
+    load_adapter(model, tmp_path / "t", name="t")
+    prompts, names = [[5, 6, 7], [8, 9], [10, 11, 12, 13]], ["a", None, "t"]
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    xla = generate(model, prompts, params, adapters=names, impl="xla")
+    pallas = generate(model, prompts, params, adapters=names, impl="pallas")
+    for x, p in zip(xla, pallas):
+        assert x.token_ids == p.token_ids
+        np.testing.assert_allclose(x.logprobs, p.logprobs, rtol=1e-4, atol=1e-4)
