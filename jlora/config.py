@@ -18,7 +18,7 @@ ROPE_SCALING_KINDS = ("llama3", "linear")
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling. `llama3` is Llama 3.1's piecewise rule; `linear` divides positions."""
+    """RoPE frequency scaling: `llama3` (Llama 3.1's piecewise rule) or `linear`."""
 
     kind: str
     factor: float
@@ -39,7 +39,7 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """One Llama-family architecture: pre-norm blocks of GQA attention with RoPE and a SwiGLU MLP."""
+    """A Llama-family architecture: pre-norm GQA attention with RoPE and a SwiGLU MLP."""
 
     name: str
     vocab_size: int           # V

@@ -28,7 +28,6 @@ bank allocator.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -39,8 +38,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.lora_kernels import (expand_segments_kernel, expand_tokens_kernel,
+                                         shrink_segments_kernel, shrink_tokens_kernel)
+
 IMPLS = ("pallas", "xla")
-_HIGHEST = lax.Precision.HIGHEST   # float32 tiles multiply in IEEE float32, not TF32
 POOL_SLACK_ROWS = 64   # unused rows at each pool's end: a full row block never runs past it
 
 
@@ -125,166 +126,6 @@ def _interpret(interpret: bool | None) -> bool:
     return jax.default_backend() == "cpu" if interpret is None else interpret
 
 
-# ----------------------------------------------------------------------------- per-token kernels
-
-def _shrink_tokens_kernel(slot_ref, start_ref, rank_ref, x_ref, a_ref, *rest, block_r, block_k,
-                          n_splits, n_kblocks, has_u):
-    u_ref, o_ref = (rest if has_u else (None, *rest))
-    t, m, ks = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    s = slot_ref[t]
-    rank, row0 = rank_ref[m, s], start_ref[m, s]
-    kb0, kb1 = ks * n_kblocks // n_splits, (ks + 1) * n_kblocks // n_splits
-
-    def rank_block(rb, carry):
-        rows = rb * block_r + jnp.arange(block_r)
-        live = rows < rank
-
-        def k_step(kb, acc):  # elementwise products; one cross-lane sum after the loop
-            cols = pl.ds(kb * block_k, block_k)
-            xk = x_ref[t, cols].astype(jnp.float32)                       # [BK]
-            ak = pltriton.load(a_ref.at[pl.ds(row0 + rb * block_r, block_r), cols],
-                               mask=live[:, None], other=0.0)             # [BR, BK]
-            return acc + ak.astype(jnp.float32) * xk[None, :]
-
-        acc = lax.fori_loop(kb0, kb1, k_step,
-                            jnp.zeros((block_r, block_k), jnp.float32)).sum(axis=1)
-        if has_u:
-            acc = acc * pltriton.load(u_ref.at[m, s, pl.ds(rb * block_r, block_r)],
-                                      mask=live, other=0.0).astype(jnp.float32)
-        pltriton.store(o_ref.at[ks, m, t, pl.ds(rb * block_r, block_r)], acc, mask=live)
-        return carry
-
-    lax.fori_loop(0, pl.cdiv(rank, block_r), rank_block, 0)
-
-
-def _expand_tokens_kernel(slot_ref, start_ref, rank_ref, scale_ref, v_ref, y_ref, *rest, M,
-                          block_r, block_n, first_block, col_offset, has_w, has_g):
-    b_refs, rest = rest[:M], rest[M:]
-    w_refs, rest = (rest[:M], rest[M:]) if has_w else (None, rest)
-    g_refs, rest = (rest[:M], rest[M:]) if has_g else (None, rest)
-    (o_ref,) = rest
-    t, nb = pl.program_id(0), pl.program_id(1)
-    s = slot_ref[t]
-    n_splits = v_ref.shape[0]   # a power of two (see _splits)
-    for m in range(M):
-        in_module = (nb >= first_block[m]) & (nb < first_block[m + 1])
-
-        @pl.when(in_module & (s != 0) & ((rank_ref[m, s] > 0) | has_g))
-        def _(m=m):
-            rank, row0 = rank_ref[m, s], start_ref[m, s]
-            c0 = (nb - first_block[m]) * block_n
-            cols = pl.ds(c0, block_n)
-
-            def rank_block(rb, acc):
-                rows = rb * block_r + jnp.arange(block_r)
-                live = rows < rank
-                vr = pltriton.load(  # every split of D at once: [KS, BR], then their sum
-                    v_ref.at[pl.ds(0, n_splits), jnp.int32(m), t, pl.ds(rb * block_r, block_r)],
-                    mask=live[None, :], other=0.0).sum(axis=0)
-                bt = pltriton.load(b_refs[m].at[pl.ds(row0 + rb * block_r, block_r), cols],
-                                   mask=live[:, None], other=0.0)         # [BR, BN]
-                return acc + jnp.sum(vr[:, None] * bt.astype(jnp.float32), axis=0)
-
-            delta = lax.fori_loop(0, pl.cdiv(rank, block_r), rank_block,
-                                  jnp.zeros((block_n,), jnp.float32)) * scale_ref[m, s]
-            if has_w:
-                delta = delta * w_refs[m][s, cols].astype(jnp.float32)
-            ycols = pl.ds(col_offset[m] + c0, block_n)
-            out = y_ref[t, ycols].astype(jnp.float32) + delta
-            if has_g:
-                out = out * g_refs[m][s, cols].astype(jnp.float32)
-            o_ref[t, ycols] = out.astype(o_ref.dtype)
-
-
-# ----------------------------------------------------------------------------- segment kernels
-
-def _segment_rows(seg_ref, tile, block_t, T):
-    """The row window of one tile of one segment, kept inside [0, T), and its live rows."""
-    seg = pl.program_id(0)
-    lo, hi = seg_ref[seg], seg_ref[seg + 1]
-    first = lo + tile * block_t
-    w0 = jnp.minimum(first, T - block_t)   # shift the last window back instead of overrunning
-    rows = w0 + jnp.arange(block_t)
-    return first < hi, w0, (rows >= first) & (rows < hi)
-
-
-def _shrink_segments_kernel(seg_ref, slot_ref, start_ref, rank_ref, x_ref, a_ref, *rest,
-                            block_t, block_r, block_k, n_rblocks, n_splits, has_u):
-    u_ref, o_ref = (rest if has_u else (None, *rest))
-    tile, mrk = pl.program_id(1), pl.program_id(2)   # mrk: module, rank block, split of D
-    m, rb, ks = mrk // (n_rblocks * n_splits), (mrk // n_splits) % n_rblocks, mrk % n_splits
-    s = slot_ref[pl.program_id(0)]
-    rank, row0 = rank_ref[m, s], start_ref[m, s]
-    T, D = x_ref.shape
-    active, w0, live_t = _segment_rows(seg_ref, tile, block_t, T)
-
-    @pl.when(active & (rb * block_r < rank))
-    def _():
-        live_r = rb * block_r + jnp.arange(block_r) < rank
-
-        def k_step(kb, acc):
-            cols = pl.ds(kb * block_k, block_k)
-            xt = pltriton.load(x_ref.at[pl.ds(w0, block_t), cols], mask=live_t[:, None],
-                               other=0.0)                                  # [BT, BK]
-            at = pltriton.load(a_ref.at[pl.ds(row0 + rb * block_r, block_r), cols],
-                               mask=live_r[:, None], other=0.0)            # [BR, BK]
-            return acc + jnp.dot(xt, at.T, precision=_HIGHEST, preferred_element_type=jnp.float32)
-
-        n_kblocks = D // block_k
-        acc = lax.fori_loop(ks * n_kblocks // n_splits, (ks + 1) * n_kblocks // n_splits,
-                            k_step, jnp.zeros((block_t, block_r), jnp.float32))
-        if has_u:
-            acc = acc * pltriton.load(u_ref.at[m, s, pl.ds(rb * block_r, block_r)],
-                                      mask=live_r, other=0.0).astype(jnp.float32)[None, :]
-        pltriton.store(o_ref.at[ks, m, pl.ds(w0, block_t), pl.ds(rb * block_r, block_r)], acc,
-                       mask=live_t[:, None] & live_r[None, :])
-
-
-def _expand_segments_kernel(seg_ref, slot_ref, start_ref, rank_ref, scale_ref, v_ref, y_ref,
-                            *rest, M, block_t, block_r, block_n, first_block, col_offset,
-                            has_w, has_g):
-    b_refs, rest = rest[:M], rest[M:]
-    w_refs, rest = (rest[:M], rest[M:]) if has_w else (None, rest)
-    g_refs, rest = (rest[:M], rest[M:]) if has_g else (None, rest)
-    (o_ref,) = rest
-    tile, nb = pl.program_id(1), pl.program_id(2)
-    s = slot_ref[pl.program_id(0)]
-    T = y_ref.shape[0]
-    active, w0, live_t = _segment_rows(seg_ref, tile, block_t, T)
-    for m in range(M):
-        in_module = (nb >= first_block[m]) & (nb < first_block[m + 1])
-
-        @pl.when(active & in_module & (s != 0) & ((rank_ref[m, s] > 0) | has_g))
-        def _(m=m):
-            rank, row0 = rank_ref[m, s], start_ref[m, s]
-            c0 = (nb - first_block[m]) * block_n
-            cols = pl.ds(c0, block_n)
-
-            def rank_block(rb, acc):
-                live_r = rb * block_r + jnp.arange(block_r) < rank
-                vt = pltriton.load(  # every split of D at once: [KS, BT, BR], then their sum
-                    v_ref.at[pl.ds(0, v_ref.shape[0]), jnp.int32(m), pl.ds(w0, block_t),
-                             pl.ds(rb * block_r, block_r)],
-                    mask=(live_t[:, None] & live_r[None, :])[None], other=0.0).sum(axis=0)
-                bt = pltriton.load(b_refs[m].at[pl.ds(row0 + rb * block_r, block_r), cols],
-                                   mask=live_r[:, None], other=0.0)        # [BR, BN]
-                return acc + jnp.dot(vt.astype(bt.dtype), bt, precision=_HIGHEST,
-                                     preferred_element_type=jnp.float32)
-
-            delta = lax.fori_loop(0, pl.cdiv(rank, block_r), rank_block,
-                                  jnp.zeros((block_t, block_n), jnp.float32)) * scale_ref[m, s]
-            if has_w:
-                delta = delta * w_refs[m][s, cols].astype(jnp.float32)[None, :]
-            ycols = pl.ds(col_offset[m] + c0, block_n)
-            yt = pltriton.load(y_ref.at[pl.ds(w0, block_t), ycols], mask=live_t[:, None],
-                               other=0.0).astype(jnp.float32)
-            out = yt + delta
-            if has_g:
-                out = out * g_refs[m][s, cols].astype(jnp.float32)[None, :]
-            pltriton.store(o_ref.at[pl.ds(w0, block_t), ycols], out.astype(o_ref.dtype),
-                           mask=live_t[:, None])
-
-
 # ----------------------------------------------------------------------------- public wrappers
 
 def _check(x_or_y, weights: LoraWeights, batch: LoraBatch, impl: str, what: str,
@@ -366,7 +207,7 @@ def lora_shrink(x: jax.Array, weights: LoraWeights, batch: LoraBatch, *, impl: s
         Tp, n_seg = xp.shape[0], batch.seg_slots.shape[0]
         tiles = pl.cdiv(Tp, BT)
         n_splits = _splits(n_kblocks, tiles * M * (R // BR), blocks)
-        kernel = functools.partial(_shrink_segments_kernel, block_t=BT, block_r=BR, block_k=BK,
+        kernel = functools.partial(shrink_segments_kernel, block_t=BT, block_r=BR, block_k=BK,
                                    n_rblocks=R // BR, n_splits=n_splits, has_u=u is not None)
         out = pl.pallas_call(
             kernel, grid=(n_seg, tiles, M * (R // BR) * n_splits),
@@ -375,7 +216,7 @@ def lora_shrink(x: jax.Array, weights: LoraWeights, batch: LoraBatch, *, impl: s
         )(batch.seg_starts, batch.seg_slots, *tables, xp, *operands[1:])
         return out[:, :, :T]
     n_splits = _splits(n_kblocks, T * M, blocks)
-    kernel = functools.partial(_shrink_tokens_kernel, block_r=BR, block_k=BK,
+    kernel = functools.partial(shrink_tokens_kernel, block_r=BR, block_k=BK,
                                n_splits=n_splits, n_kblocks=n_kblocks, has_u=u is not None)
     return pl.pallas_call(
         kernel, grid=(T, M, n_splits),
@@ -417,7 +258,7 @@ def lora_expand(y: jax.Array, v: jax.Array, weights: LoraWeights, batch: LoraBat
         yp = jnp.pad(y, ((0, pad), (0, 0))) if pad else y
         vp = jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0))) if pad else v
         n_seg = batch.seg_slots.shape[0]
-        kernel = functools.partial(_expand_segments_kernel, M=M, block_t=BT, block_r=BR,
+        kernel = functools.partial(expand_segments_kernel, M=M, block_t=BT, block_r=BR,
                                    block_n=BN, first_block=first_block, col_offset=col_offset,
                                    has_w=has_w, has_g=has_g)
         out = pl.pallas_call(
@@ -427,7 +268,7 @@ def lora_expand(y: jax.Array, v: jax.Array, weights: LoraWeights, batch: LoraBat
             interpret=_interpret(interpret),
         )(batch.seg_starts, batch.seg_slots, *tables, vp, yp, *weights.b, *vectors)
         return out[:T] if pad else out
-    kernel = functools.partial(_expand_tokens_kernel, M=M, block_r=BR, block_n=BN,
+    kernel = functools.partial(expand_tokens_kernel, M=M, block_r=BR, block_n=BN,
                                first_block=first_block, col_offset=col_offset, has_w=has_w,
                                has_g=has_g)
     return pl.pallas_call(

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jlora.bank import AdapterBank
 from jlora.formats.native import read_adapter, read_native, write_native
 from jlora.formats.peft import read_peft, write_peft
 from jlora.generate import decode_step, generate
@@ -66,8 +65,8 @@ def test_peft_adapter_matches_peft(case, base_dirs, tmp_path):
 def test_rank_above_the_maximum_is_refused(base_dirs, tmp_path):
     make_peft_adapter("llama-gqa-untied", tmp_path / "ad", r=32)
     model = load_model(str(base_dirs["llama-gqa-untied"]), "float32")
-    with pytest.raises(ValueError, match=r"ad\), layer 0 module \w+: rank 32 exceeds the configured "
-                                         r"maximum rank 16"):
+    with pytest.raises(ValueError, match=r"ad\), layer 0 module \w+: rank 32 exceeds the "
+                                         r"configured maximum rank 16"):
         load_adapter(model, tmp_path / "ad", name="big", max_lora_rank=16)
 
 
@@ -157,7 +156,6 @@ def test_mixed_batch_equals_each_request_alone(base_dirs, tmp_path):
     prompts = [[3, 4, 5], [7, 8], [9, 10, 11, 12], [13], [14, 15, 16], [20, 21, 22, 23, 24]]
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     together = generate(model, prompts, params, adapters=names)
-    outs = set()
     for prompt, name, got in zip(prompts, names, together):
         alone = generate(model, [prompt], params, adapters=[name])[0]
         assert got.token_ids == alone.token_ids, name
