@@ -25,6 +25,7 @@ import numpy as np
 
 from jlora.adapters import GROUPS, Adapter, target_shapes
 from jlora.config import ModelConfig
+from jlora.model import fused_columns
 from pallas_kernels.lora import POOL_SLACK_ROWS, LoraWeights, v_width
 
 FEATURES = ("tied", "dora")   # optional per-slot vectors: u, w (Tied-LoRA) and g (DoRA)
@@ -154,7 +155,7 @@ class AdapterBank:
             M = len(targets)
             a_rows = np.zeros((L * M * R, shapes[targets[0]][0]), np.float32)
             b_rows = [np.zeros((L * R, shapes[t][1]), np.float32) for t in targets]
-            a_base, b_base = (slot - 1) * L * M * R, (slot - 1) * L * R
+            a_base, b_base = slot_rows(L, M, R, slot, 0, 0)
             for layer in range(L):
                 col = {k: np.zeros(M, np.int32) for k in ("a_start", "b_start", "rank")}
                 col["scale"] = np.zeros(M, np.float32)
@@ -166,11 +167,11 @@ class AdapterBank:
                     if mod is None:
                         continue
                     r = mod.rank
-                    a_off = (m if tied else layer * M + m) * R
-                    b_off = (0 if tied else layer) * R
+                    a_start, b_start = slot_rows(L, M, R, slot, layer, m, tied)
+                    a_off, b_off = a_start - a_base, b_start - b_base
                     a_rows[a_off:a_off + r] = mod.a
                     b_rows[m][b_off:b_off + r] = mod.b.T
-                    col["a_start"][m], col["b_start"][m] = a_base + a_off, b_base + b_off
+                    col["a_start"][m], col["b_start"][m] = a_start, b_start
                     col["rank"][m], col["scale"][m] = r, mod.scale
                     if mod.u is not None:
                         u[m, :r] = mod.u
@@ -216,13 +217,18 @@ def _write_slot(arrays: BankArrays, slot: jax.Array, data: dict) -> BankArrays:
 
 def base_weight(params: dict, cfg: ModelConfig, layer: int, target: str) -> jax.Array:
     """Module `target`'s base weight [in, out] at `layer`, cut out of the fused params."""
-    p = params["layers"][layer]
-    H, G, E, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
-    cuts = {"q": ("wqkv", 0, H * E), "k": ("wqkv", H * E, (H + G) * E),
-            "v": ("wqkv", (H + G) * E, (H + 2 * G) * E), "o": ("wo", 0, None),
-            "gate": ("w_gate_up", 0, F), "up": ("w_gate_up", F, 2 * F), "down": ("w_down", 0, None)}
-    name, lo, hi = cuts[target]
-    return p[name][:, lo:hi]
+    name, lo, hi = fused_columns(cfg, target)
+    return params["layers"][layer][name][:, lo:hi]
+
+
+def slot_rows(L: int, M: int, R: int, slot: int, layer: int, m: int,
+              tied: bool = False) -> tuple[int, int]:
+    """First A-pool and B-pool rows of module m of a group of M at `layer` in slot `slot`.
+
+    Slot s owns L*M*R rows of the group's A pool and L*R of each B pool; a Tied-LoRA adapter
+    uses its layer-0 rows for every layer."""
+    layer = 0 if tied else layer
+    return (slot - 1) * L * M * R + (layer * M + m) * R, (slot - 1) * L * R + layer * R
 
 
 def dora_scale(params: dict, cfg: ModelConfig, layer: int, target: str, mod) -> np.ndarray:

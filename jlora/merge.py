@@ -14,10 +14,7 @@ import jax.numpy as jnp
 from jlora.adapters import Adapter
 from jlora.bank import base_weight
 from jlora.config import ModelConfig
-
-_FUSED = {"q": "wqkv", "k": "wqkv", "v": "wqkv", "o": "wo", "gate": "w_gate_up",
-          "up": "w_gate_up", "down": "w_down"}
-
+from jlora.model import fused_columns
 
 def merge(params: dict, cfg: ModelConfig, adapter: Adapter) -> dict:
     """Params with `adapter` folded in; `params` itself is not modified."""
@@ -32,13 +29,7 @@ def merge(params: dict, cfg: ModelConfig, adapter: Adapter) -> dict:
         merged = w + delta
         if mod.m is not None:  # DoRA: rescale each output column to its magnitude
             merged = merged * (jnp.asarray(mod.m) / jnp.linalg.norm(merged, axis=0))[None, :]
-        name = _FUSED[target]
-        lo = _column_offset(cfg, target)
+        name, lo, hi = fused_columns(cfg, target)
         fused = layers[layer][name]
-        layers[layer][name] = fused.at[:, lo:lo + merged.shape[1]].set(merged.astype(fused.dtype))
+        layers[layer][name] = fused.at[:, lo:hi].set(merged.astype(fused.dtype))
     return {**params, "layers": layers}
-
-
-def _column_offset(cfg: ModelConfig, target: str) -> int:
-    H, G, E, F = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
-    return {"q": 0, "k": H * E, "v": (H + G) * E, "o": 0, "gate": 0, "up": F, "down": 0}[target]

@@ -98,6 +98,15 @@ def pack_layer(t: dict, concat=np.concatenate) -> dict:
     return layer
 
 
+def fused_columns(cfg: ModelConfig, target: str) -> tuple[str, int, int]:
+    """Where a checkpoint module lives in the fused params: (param name, first column, end)."""
+    D, E, H, G, F = cfg.dim, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim
+    return {"q": ("wqkv", 0, H * E), "k": ("wqkv", H * E, (H + G) * E),
+            "v": ("wqkv", (H + G) * E, (H + 2 * G) * E), "o": ("wo", 0, D),
+            "gate": ("w_gate_up", 0, F), "up": ("w_gate_up", F, 2 * F),
+            "down": ("w_down", 0, D)}[target]
+
+
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.bfloat16) -> Params:
     """Random weights (normal, std 0.02; norms at 1) for shape presets and benchmarks."""
     keys = iter(jax.random.split(key, len(layer_shapes(cfg)) * cfg.n_layers + 2))
