@@ -166,7 +166,8 @@ def write_kv(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Arra
     return cache.at[rows, :, positions, :].set(new, mode="drop")
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> jax.Array:
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     positions: jax.Array) -> jax.Array:
     """Causal grouped-query attention of q [B, T, H, E] over the cache k, v [B, G, S, E]."""
     B, T, H, E = q.shape
     G, S = k.shape[1], k.shape[2]
@@ -180,9 +181,24 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> ja
     return out.reshape(B, T, H * E)
 
 
+def attend_dense(q: jax.Array, k: jax.Array, v: jax.Array, kv: tuple, positions: jax.Array,
+                 impl: str) -> tuple[jax.Array, tuple]:
+    """Write k, v [B, T, G, E] into one layer's dense cache and attend q [B, T, H, E] to it."""
+    k_cache, v_cache = kv
+    k_cache = write_kv(k_cache, k.astype(k_cache.dtype), positions)
+    v_cache = write_kv(v_cache, v.astype(v_cache.dtype), positions)
+    if q.shape[1] == 1:  # decode: the kernel reads each sequence's cache once
+        out = decode_attention(q[:, 0], k_cache, v_cache, positions[:, 0] + 1, impl=impl)
+    else:
+        out = causal_attention(q, k_cache, v_cache, positions)
+    return out.reshape(*q.shape[:2], -1), (k_cache, v_cache)
+
+
 def attention(layer: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array,
-              inv_freq: jax.Array, k_cache: jax.Array, v_cache: jax.Array, impl: str,
+              inv_freq: jax.Array, attend, kv: tuple, impl: str,
               lora: LoraContext | None = None, index: int = 0):
+    """The attention block. `attend(q, k, v, kv) -> (out [B, T, H*E], kv)` writes this
+    layer's new keys and values into its cache `kv` and attends (dense or paged)."""
     B, T, _ = x.shape
     H, G, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
@@ -192,15 +208,9 @@ def attention(layer: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array,
     q, k, v = jnp.split(qkv, [H * E, (H + G) * E], axis=-1)
     q = apply_rope(q.reshape(B, T, H, E), positions, inv_freq)
     k = apply_rope(k.reshape(B, T, G, E), positions, inv_freq)
-    v = v.reshape(B, T, G, E)
-    k_cache = write_kv(k_cache, k.astype(k_cache.dtype), positions)
-    v_cache = write_kv(v_cache, v.astype(v_cache.dtype), positions)
-    if T == 1:  # decode: the kernel reads each sequence's cache once
-        out = decode_attention(q[:, 0], k_cache, v_cache, positions[:, 0] + 1, impl=impl)
-    else:
-        out = attend(q, k_cache, v_cache, positions)
-    out = project(out.reshape(B, T, H * E), layer["wo"], lora, index, "o", impl)
-    return x + out, k_cache, v_cache
+    out, kv = attend(q, k, v.reshape(B, T, G, E), kv)                  # [B, T, H*E]
+    out = project(out, layer["wo"], lora, index, "o", impl)
+    return x + out, kv
 
 
 def mlp(layer: dict, cfg: ModelConfig, x: jax.Array, impl: str = "xla",
@@ -214,23 +224,33 @@ def mlp(layer: dict, cfg: ModelConfig, x: jax.Array, impl: str = "xla",
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
             cache: KVCache, impl: str = "xla",
             lora: LoraContext | None = None) -> tuple[jax.Array, KVCache]:
-    """Run tokens [B, T] at positions [B, T] through all layers.
+    """Run tokens [B, T] at positions [B, T] through all layers over a dense cache.
 
     `impl` picks the kernels: "pallas" (GPU) or "xla" (the CPU path). `lora` adds each
     token's adapter to every projection (None: the base model alone).
 
     Returns the final-normed hidden states [B, T, D] and the cache with the tokens' K/V added.
     """
+    attend = lambda q, k, v, kv: attend_dense(q, k, v, kv, positions, impl)  # noqa: E731
+    h, (ks, vs) = run_layers(params, cfg, tokens, positions, attend,
+                             (cache.k, cache.v), impl, lora)
+    return h, KVCache(ks, vs)
+
+
+def run_layers(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
+               attend, caches: tuple, impl: str, lora: LoraContext | None):
+    """Embedding, every layer (with `attend` over caches = (K per layer, V per layer)), final
+    norm. Returns hidden states [B, T, D] and the updated caches."""
     inv_freq = jnp.asarray(rope_frequencies(cfg))
     x = params["embed"][tokens]                                         # [B, T, D]
     ks, vs = [], []
-    for i, (layer, k_cache, v_cache) in enumerate(zip(params["layers"], cache.k, cache.v)):
-        x, k_cache, v_cache = attention(layer, cfg, x, positions, inv_freq, k_cache, v_cache,
-                                        impl, lora, i)
+    for i, (layer, k_cache, v_cache) in enumerate(zip(params["layers"], *caches)):
+        x, (k_cache, v_cache) = attention(layer, cfg, x, positions, inv_freq, attend,
+                                          (k_cache, v_cache), impl, lora, i)
         x = mlp(layer, cfg, x, impl, lora, i)
         ks.append(k_cache)
         vs.append(v_cache)
-    return rms_norm(x, params["final_norm"], cfg.norm_eps), KVCache(tuple(ks), tuple(vs))
+    return rms_norm(x, params["final_norm"], cfg.norm_eps), (tuple(ks), tuple(vs))
 
 
 def logits(params: Params, cfg: ModelConfig, h: jax.Array) -> jax.Array:

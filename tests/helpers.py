@@ -150,3 +150,21 @@ def random_tied_adapter(cfg, name: str = "tied", rank: int = 8, seed: int = 0,
                 a=a, b=b, scale=1.0, u=rng.uniform(0.5, 1.5, rank).astype(np.float32),
                 w=rng.uniform(0.5, 1.5, n_out).astype(np.float32))
     return Adapter(name=name, variant="tied", modules=modules)
+
+
+def random_lora_adapter(cfg, name: str, rank: int = 8, seed: int = 0, variant: str = "lora",
+                        targets=("q", "k", "v", "o", "gate", "up", "down")):
+    """A LoRA (or DoRA, with magnitudes away from their init) adapter with random A and B on
+    every layer, big enough to change a tiny model's outputs."""
+    from jlora.adapters import Adapter, ModuleAdapter, target_shapes
+    rng = np.random.default_rng(seed)
+    shapes = target_shapes(cfg)
+    modules = {}
+    for layer in range(cfg.n_layers):
+        for t in targets:
+            n_in, n_out = shapes[t]
+            m = rng.uniform(0.5, 1.5, n_out).astype(np.float32) if variant == "dora" else None
+            modules[(layer, t)] = ModuleAdapter(
+                a=(rng.normal(size=(rank, n_in)) / np.sqrt(n_in)).astype(np.float32),
+                b=(rng.normal(size=(n_out, rank)) * 0.5).astype(np.float32), scale=2.0, m=m)
+    return Adapter(name=name, variant=variant, modules=modules)
