@@ -102,6 +102,7 @@ def random_bank(cfg, n_adapters: int, rank: int, dtype, key) -> AdapterBank:
                                     scale=jnp.full((M, S), 0.5, jnp.float32))
         tables.append(per_group)
     bank.arrays = BankArrays(pools=pools, tables=tables, max_rank=R)
+    bank.slots = {f"random-{s}": s for s in range(1, S)}
     return bank
 
 

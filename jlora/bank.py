@@ -25,7 +25,7 @@ import numpy as np
 
 from jlora.adapters import GROUPS, Adapter, target_shapes
 from jlora.config import ModelConfig
-from jlora.model import fused_columns
+from jlora.model import fused_index
 from pallas_kernels.lora import POOL_SLACK_ROWS, LoraWeights, v_width
 
 FEATURES = ("tied", "dora")   # optional per-slot vectors: u, w (Tied-LoRA) and g (DoRA)
@@ -217,8 +217,8 @@ def _write_slot(arrays: BankArrays, slot: jax.Array, data: dict) -> BankArrays:
 
 def base_weight(params: dict, cfg: ModelConfig, layer: int, target: str) -> jax.Array:
     """Module `target`'s base weight [in, out] at `layer`, cut out of the fused params."""
-    name, lo, hi = fused_columns(cfg, target)
-    return params["layers"][layer][name][:, lo:hi]
+    name, columns = fused_index(cfg, target)
+    return params["layers"][layer][name][:, columns]
 
 
 def slot_rows(L: int, M: int, R: int, slot: int, layer: int, m: int,

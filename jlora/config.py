@@ -58,6 +58,7 @@ class ModelConfig:
     qkv_bias: bool = False    # Qwen2 adds a bias to the q, k and v projections
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    tp: int = 1               # shards the fused weights' columns are grouped for (model.py)
 
     def __post_init__(self):
         for field in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -69,6 +70,11 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model config {self.name!r}: n_heads={self.n_heads} must be a "
                              f"multiple of n_kv_heads={self.n_kv_heads}")
+        if not isinstance(self.tp, int) or self.tp < 1 or any(
+                n % self.tp for n in (self.n_heads, self.n_kv_heads, self.ffn_dim)):
+            raise ValueError(f"model config {self.name!r}: tp={self.tp!r} must be a positive "
+                             f"integer dividing n_heads={self.n_heads}, n_kv_heads="
+                             f"{self.n_kv_heads} and ffn_dim={self.ffn_dim}")
         if self.head_dim % 2:
             raise ValueError(f"model config {self.name!r}: head_dim={self.head_dim} must be "
                              "even for rotary embeddings")

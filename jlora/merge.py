@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jlora.adapters import Adapter
 from jlora.bank import base_weight
 from jlora.config import ModelConfig
-from jlora.model import fused_columns
+from jlora.model import fused_index
 
 def merge(params: dict, cfg: ModelConfig, adapter: Adapter) -> dict:
     """Params with `adapter` folded in; `params` itself is not modified."""
@@ -29,7 +29,7 @@ def merge(params: dict, cfg: ModelConfig, adapter: Adapter) -> dict:
         merged = w + delta
         if mod.m is not None:  # DoRA: rescale each output column to its magnitude
             merged = merged * (jnp.asarray(mod.m) / jnp.linalg.norm(merged, axis=0))[None, :]
-        name, lo, hi = fused_columns(cfg, target)
+        name, columns = fused_index(cfg, target)
         fused = layers[layer][name]
-        layers[layer][name] = fused.at[:, lo:hi].set(merged.astype(fused.dtype))
+        layers[layer][name] = fused.at[:, columns].set(merged.astype(fused.dtype))
     return {**params, "layers": layers}

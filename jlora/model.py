@@ -7,7 +7,10 @@ Params hold weights as [in, out], so a projection is `x @ w`:
         only), wo [H*E, D], mlp_norm [D], w_gate_up [D, 2F] (gate then up), w_down [F, D].
 Checkpoints keep q, k, v, gate and up apart (`layer_shapes` names them); `pack_layer` joins
 them, so that a decode step runs four weight matmuls per layer instead of seven: each one
-streams more bytes per launch, which is what a memory-bound step is made of.
+streams more bytes per launch, which is what a memory-bound step is made of. For tensor
+parallelism over cfg.tp shards the fused columns are grouped by shard, [q_0 k_0 v_0 | q_1 k_1
+v_1 | ...] (shard i holding heads i*H/tp..), so that an even split of the columns gives each
+device its own heads (`fused_index` says where a module's columns are).
 Layers stay separate arrays rather than one stacked array under `lax.scan`: XLA copied each
 stacked layer's slice before its matmul, a 3.3x slower decode step (REFERENCE.md §3).
 
@@ -88,23 +91,39 @@ def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def pack_layer(t: dict, concat=np.concatenate) -> dict:
+def pack_layer(t: dict, concat=np.concatenate, tp: int = 1) -> dict:
     """One layer's params from its separate checkpoint tensors (see the module docstring)."""
-    layer = dict(attn_norm=t["attn_norm"], wqkv=concat([t["wq"], t["wk"], t["wv"]], axis=-1),
-                 wo=t["wo"], mlp_norm=t["mlp_norm"],
-                 w_gate_up=concat([t["w_gate"], t["w_up"]], axis=-1), w_down=t["w_down"])
+    def fuse(names):  # columns grouped by shard: [a_0 b_0 | a_1 b_1 | ...]
+        w = [t[n].shape[-1] // tp for n in names]
+        return concat([t[n][..., i * w[j]:(i + 1) * w[j]] for i in range(tp)
+                       for j, n in enumerate(names)], axis=-1)
+    layer = dict(attn_norm=t["attn_norm"], wqkv=fuse(["wq", "wk", "wv"]), wo=t["wo"],
+                 mlp_norm=t["mlp_norm"], w_gate_up=fuse(["w_gate", "w_up"]), w_down=t["w_down"])
     if "bq" in t:
-        layer["bqkv"] = concat([t["bq"], t["bk"], t["bv"]], axis=-1)
+        layer["bqkv"] = fuse(["bq", "bk", "bv"])
     return layer
 
 
-def fused_columns(cfg: ModelConfig, target: str) -> tuple[str, int, int]:
-    """Where a checkpoint module lives in the fused params: (param name, first column, end)."""
-    D, E, H, G, F = cfg.dim, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim
-    return {"q": ("wqkv", 0, H * E), "k": ("wqkv", H * E, (H + G) * E),
-            "v": ("wqkv", (H + G) * E, (H + 2 * G) * E), "o": ("wo", 0, D),
-            "gate": ("w_gate_up", 0, F), "up": ("w_gate_up", F, 2 * F),
-            "down": ("w_down", 0, D)}[target]
+def fused_index(cfg: ModelConfig, target: str) -> tuple[str, np.ndarray]:
+    """Where a checkpoint module lives in the fused params: (param name, its columns in order)."""
+    D, E, H, G, F, n = cfg.dim, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.tp
+    if target in ("o", "down"):
+        return {"o": "wo", "down": "w_down"}[target], np.arange(D)
+    name, widths, m = {"q": ("wqkv", (H * E, G * E, G * E), 0),
+                       "k": ("wqkv", (H * E, G * E, G * E), 1),
+                       "v": ("wqkv", (H * E, G * E, G * E), 2),
+                       "gate": ("w_gate_up", (F, F), 0), "up": ("w_gate_up", (F, F), 1)}[target]
+    local = [w // n for w in widths]                    # each module's columns per shard
+    start = np.arange(n) * sum(local) + sum(local[:m])   # where module m starts in shard i
+    return name, (start[:, None] + np.arange(local[m])).reshape(-1)
+
+
+def split_fused(y: jax.Array, widths: tuple[int, ...], tp: int) -> list[jax.Array]:
+    """The modules' outputs [..., w_m] of a fused projection's output [..., sum(w)]."""
+    lead = y.shape[:-1]
+    y = y.reshape(*lead, tp, -1)                                        # [..., tp, cols/tp]
+    cuts = np.cumsum([w // tp for w in widths])[:-1]
+    return [part.reshape(*lead, -1) for part in jnp.split(y, cuts, axis=-1)]
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.bfloat16) -> Params:
@@ -114,7 +133,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.bfloat16) -> Params:
                             ).astype(dtype)
     layers = [pack_layer({name: jnp.ones(shape, dtype) if name.endswith("norm") else
                           normal(shape) for name, shape in layer_shapes(cfg).items()},
-                         concat=jnp.concatenate)
+                         concat=jnp.concatenate, tp=cfg.tp)
               for _ in range(cfg.n_layers)]
     params = dict(embed=normal((cfg.vocab_size, cfg.dim)), layers=layers,
                   final_norm=jnp.ones((cfg.dim,), dtype))
@@ -196,29 +215,38 @@ def attend_dense(q: jax.Array, k: jax.Array, v: jax.Array, kv: tuple, positions:
 
 def attention(layer: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array,
               inv_freq: jax.Array, attend, kv: tuple, impl: str,
-              lora: LoraContext | None = None, index: int = 0):
+              lora: LoraContext | None = None, index: int = 0, tp_axis: str | None = None):
     """The attention block. `attend(q, k, v, kv) -> (out [B, T, H*E], kv)` writes this
-    layer's new keys and values into its cache `kv` and attends (dense or paged)."""
+    layer's new keys and values into its cache `kv` and attends (dense or paged). Inside a
+    shard_map over `tp_axis`, the row-parallel output projection's partial sums are added up."""
     B, T, _ = x.shape
     H, G, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)
     qkv = project(h, layer["wqkv"], lora, index, "qkv", impl)          # [B, T, (H+2G)*E]
     if cfg.qkv_bias:
         qkv = qkv + layer["bqkv"]
-    q, k, v = jnp.split(qkv, [H * E, (H + G) * E], axis=-1)
+    q, k, v = split_fused(qkv, (H * E, G * E, G * E), cfg.tp)
     q = apply_rope(q.reshape(B, T, H, E), positions, inv_freq)
     k = apply_rope(k.reshape(B, T, G, E), positions, inv_freq)
     out, kv = attend(q, k, v.reshape(B, T, G, E), kv)                  # [B, T, H*E]
     out = project(out, layer["wo"], lora, index, "o", impl)
-    return x + out, kv
+    return x + _sum_shards(out, tp_axis), kv
+
+
+def _sum_shards(y: jax.Array, tp_axis: str | None) -> jax.Array:
+    """Add up a row-parallel projection's per-shard partial sums (LoRA terms included: they
+    are linear in the shard's inputs, so they ride on the same all-reduce)."""
+    return y if tp_axis is None else jax.lax.psum(y, tp_axis)
 
 
 def mlp(layer: dict, cfg: ModelConfig, x: jax.Array, impl: str = "xla",
-        lora: LoraContext | None = None, index: int = 0) -> jax.Array:
+        lora: LoraContext | None = None, index: int = 0,
+        tp_axis: str | None = None) -> jax.Array:
     h = rms_norm(x, layer["mlp_norm"], cfg.norm_eps)
     gate_up = project(h, layer["w_gate_up"], lora, index, "gate_up", impl)
-    gate, up = jnp.split(gate_up, 2, axis=-1)                           # [B, T, F] each
-    return x + project(jax.nn.silu(gate) * up, layer["w_down"], lora, index, "down", impl)
+    gate, up = split_fused(gate_up, (cfg.ffn_dim, cfg.ffn_dim), cfg.tp)  # [B, T, F] each
+    down = project(jax.nn.silu(gate) * up, layer["w_down"], lora, index, "down", impl)
+    return x + _sum_shards(down, tp_axis)
 
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
@@ -238,16 +266,18 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
 
 
 def run_layers(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
-               attend, caches: tuple, impl: str, lora: LoraContext | None):
+               attend, caches: tuple, impl: str, lora: LoraContext | None,
+               tp_axis: str | None = None):
     """Embedding, every layer (with `attend` over caches = (K per layer, V per layer)), final
-    norm. Returns hidden states [B, T, D] and the updated caches."""
+    norm. Returns hidden states [B, T, D] and the updated caches. Inside a shard_map over
+    `tp_axis`, cfg and the weights are one shard's (serving/sharding.py)."""
     inv_freq = jnp.asarray(rope_frequencies(cfg))
     x = params["embed"][tokens]                                         # [B, T, D]
     ks, vs = [], []
     for i, (layer, k_cache, v_cache) in enumerate(zip(params["layers"], *caches)):
         x, (k_cache, v_cache) = attention(layer, cfg, x, positions, inv_freq, attend,
-                                          (k_cache, v_cache), impl, lora, i)
-        x = mlp(layer, cfg, x, impl, lora, i)
+                                          (k_cache, v_cache), impl, lora, i, tp_axis)
+        x = mlp(layer, cfg, x, impl, lora, i, tp_axis)
         ks.append(k_cache)
         vs.append(v_cache)
     return rms_norm(x, params["final_norm"], cfg.norm_eps), (tuple(ks), tuple(vs))

@@ -38,6 +38,7 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None   # one of FINISH_REASONS when finished
     error: str | None = None           # what went wrong, when finish_reason is "error"
+    timings: dict | None = None        # on the last output: engine-clock times and counts
 
 
 @dataclass(eq=False)
@@ -143,4 +144,4 @@ class RequestStream:
         return RequestOutput(self.request_id, [t for o in outs for t in o.token_ids],
                              "".join(o.text for o in outs),
                              [lp for o in outs for lp in o.logprobs], True,
-                             outs[-1].finish_reason, outs[-1].error)
+                             outs[-1].finish_reason, outs[-1].error, outs[-1].timings)

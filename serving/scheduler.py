@@ -29,8 +29,8 @@ class SchedulerConfig:
     max_seqs: int                    # rows: sequences running at once
     max_seq_len: int                 # longest context (prompt + generated)
     piece: int                       # Q: prefill tokens are padded to pieces of Q
-    decode_buckets: tuple[int, ...]  # allowed decode counts, ascending, including 0
-    prefill_buckets: tuple[int, ...]  # allowed padded prefill token counts, incl. 0
+    decode_buckets: tuple[int, ...]  # allowed decode counts, ascending
+    prefill_buckets: tuple[int, ...]  # allowed padded prefill token counts, ascending
 
     @property
     def prefill_budget(self) -> int:

@@ -1,0 +1,468 @@
+"""The serving engine: owns the devices and runs one jitted step per iteration.
+
+Each iteration: take in new requests and cancellations, expire deadlines, let the
+scheduler plan the step, build the step's one batch pytree (`make_batch`), dispatch the
+step program compiled for its bucket, and only then read back the previous step's tokens
+(detokenize, check stops, stream). Decode tokens never round-trip through the host: the step
+reads each sequence's last token from a device array that the previous step wrote, so the
+device always has the next step queued while Python works on the last one.
+
+Programs are compiled for every (decode, prefill) bucket at start-up; serving never compiles.
+The engine knows nothing about gRPC; requests arrive through `submit` from any thread.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import threading
+import time
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jlora.config import ModelConfig
+from jlora.generate import Prompt, encode_prompt
+from jlora.loader import Model
+from jlora.model import LoraContext, Params, logits
+from jlora.paged import PagedBatch, PagedKV, forward_paged, init_pages
+from jlora.sampling import SamplingArrays, SamplingParams, sample, seed_key
+from jlora.tokenizer import IncrementalDecoder
+from pallas_kernels import default_impl
+from pallas_kernels.lora import LoraBatch
+from serving import sharding
+from serving.kv_cache import PageAllocator
+from serving.metrics import EngineMetrics
+from serving.request import Request, RequestOutput, RequestStream, Status
+from serving.scheduler import Plan, Scheduler, SchedulerConfig
+
+
+class QueueFull(Exception):
+    """The engine's queue is at its limit; the request was not accepted."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_seqs: int = 64            # sequences running at once (decode rows)
+    page_size: int = 16           # Z: tokens per KV page
+    num_pages: int = 0            # P; 0: enough for max_seqs full-length sequences
+    max_seq_len: int = 0          # 0: the model's
+    prefill_budget: int = 256     # padded prefill tokens per step
+    piece: int = 16               # Q: prefill tokens per attention block
+    max_queue: int = 1024         # waiting requests before submit refuses
+    # Step shapes compiled at start-up: every (decode count, padded prefill tokens) pair but
+    # (0, 0). Counts are rounded up to the next bucket. Defaults: 0 and powers of two.
+    decode_buckets: tuple[int, ...] = ()   # (): 0 and the powers of two up to max_seqs
+    prefill_buckets: tuple[int, ...] = ()  # (): 0 and Q times powers of two up to the budget
+    impl: str | None = None       # "pallas" or "xla"; None: Pallas on a GPU
+    tp: int = 1                   # devices the model is split over (serving/sharding.py)
+
+    def scheduler_config(self, max_seq_len: int) -> SchedulerConfig:
+        def pow2s(lo, hi):
+            return tuple(itertools.takewhile(lambda n: n < hi, (lo << i for i in range(64))))
+        decode = self.decode_buckets or (0, *pow2s(1, self.max_seqs), self.max_seqs)
+        prefill = self.prefill_buckets or (0, *pow2s(self.piece, self.prefill_budget),
+                                           self.prefill_budget)
+        for name, b in (("decode_buckets", decode), ("prefill_buckets", prefill)):
+            if not b or list(b) != sorted(set(b)) or b[0] < 0:
+                raise ValueError(f"{name}={b} must be ascending, distinct and >= 0")
+        if decode[-1] < self.max_seqs:
+            raise ValueError(f"decode_buckets={decode} must reach max_seqs={self.max_seqs}")
+        if self.piece < 1 or self.piece & (self.piece - 1):
+            raise ValueError(f"piece={self.piece} must be a power of two")
+        if any(n % self.piece for n in prefill):
+            raise ValueError(f"prefill_buckets={prefill} must be multiples of piece="
+                             f"{self.piece}")
+        return SchedulerConfig(self.max_seqs, max_seq_len, self.piece, tuple(decode),
+                               tuple(prefill))
+
+
+class StepBatch(NamedTuple):
+    """Everything a step reads besides weights and caches (see `make_batch`).
+
+    decode_rows [Bd]: the row of last_tokens each decode reads (max_seqs: padding);
+    prefill_tokens [Np]; paged: where tokens go and what they attend to; lora_slots
+    [Bd + Np]; sample_index [Ns]: which of the step's tokens are sampled (Ns = Bd + Np/Q);
+    sample_rows [Ns]: the row each sampled token is stored to (max_seqs: none).
+    """
+
+    decode_rows: jax.Array
+    prefill_tokens: jax.Array
+    paged: PagedBatch
+    lora_slots: jax.Array
+    sample_index: jax.Array
+    sample_rows: jax.Array
+    sampling: SamplingArrays
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "mesh"),
+                   donate_argnames=("kv", "last_tokens"))
+def engine_step(params: Params, bank, kv: PagedKV, last_tokens: jax.Array, batch: StepBatch,
+                *, cfg: ModelConfig, impl: str, mesh: Mesh | None = None):
+    """One step over all scheduled tokens; returns (kv, last_tokens, tokens [Ns], logprobs).
+    With a mesh, the layers run per shard (serving/sharding.py)."""
+    tokens = jnp.concatenate([last_tokens[batch.decode_rows], batch.prefill_tokens])  # [T]
+    n = 1 if mesh is None else mesh.shape[sharding.AXIS]
+    local_cfg, tp_axis = sharding.local_config(cfg, n), None if mesh is None else sharding.AXIS
+
+    def layers(params, bank, kv, tokens, paged, lora_slots):
+        lora = None if bank is None else LoraContext(bank, LoraBatch(token_slots=lora_slots))
+        return forward_paged(params, local_cfg, tokens, kv, paged, impl, lora, tp_axis)
+
+    args = (params, bank, kv, tokens, batch.paged, batch.lora_slots)
+    h, kv = layers(*args) if mesh is None else sharding.shard_layers(layers, mesh, *args)
+    sampled, logprobs = sample(logits(params, cfg, h[batch.sample_index]), batch.sampling)
+    last_tokens = last_tokens.at[batch.sample_rows].set(sampled, mode="drop")
+    return kv, last_tokens, sampled, logprobs
+
+
+def make_batch(plan: Plan, sched: SchedulerConfig,
+               pages: PageAllocator) -> tuple[StepBatch, list[Request | None]]:
+    """The step's batch (numpy) and the request each sampled row belongs to."""
+    Bd, Np, Q, Z = plan.decode_bucket, plan.prefill_bucket, sched.piece, pages.page_size
+    W = pages.pages_for(sched.max_seq_len)
+    NQ, pad_slot, pad_row = Np // Q, pages.num_pages * Z, sched.max_seqs
+    decode_rows = np.full(Bd, pad_row, np.int32)
+    d_pos = np.full(Bd, -1, np.int32)
+    d_tables = np.zeros((Bd, W), np.int32)
+    p_tokens = np.zeros(Np, np.int32)
+    p_pos = np.full(Np, -1, np.int32)
+    p_tables = np.zeros((NQ, W), np.int32)
+    slots = np.full(Bd + Np, pad_slot, np.int32)
+    lora = np.zeros(Bd + Np, np.int32)
+    samples: list[Request | None] = [None] * (Bd + NQ)
+    sample_index = np.zeros(Bd + NQ, np.int32)
+
+    def place(i, r, pos):  # token i of the step is r's token at positions pos
+        table = np.asarray(pages.tables[r], np.int32)
+        slots[i] = table[pos // Z] * Z + pos % Z
+        lora[i] = r.slot
+        return table
+
+    for i, r in enumerate(plan.decodes):
+        decode_rows[i], d_pos[i] = r.row, r.computed - 1
+        table = place(i, r, r.computed - 1)
+        d_tables[i, :len(table)] = table
+        samples[i], sample_index[i] = r, i
+    t, n_sampled = 0, Bd
+    for c in plan.prefills:
+        r, n = c.request, c.length
+        pos = np.arange(c.start, c.start + n)
+        p_tokens[t:t + n] = r.context[c.start:c.start + n]
+        p_pos[t:t + n] = pos
+        table = place(Bd + t + np.arange(n), r, pos)
+        p_tables[t // Q:(t + n - 1) // Q + 1, :len(table)] = table
+        if c.last:
+            samples[n_sampled], sample_index[n_sampled] = r, Bd + t + n - 1
+            n_sampled += 1
+        t += -(-n // Q) * Q
+    live = [r for r in samples if r is not None]
+    counters = [r.num_sampled - 1 for r in live]   # in_flight already counts this token
+    sampling = _sampling_arrays(samples, Bd + NQ)
+    sampling = sampling._replace(counters=_fill(samples, counters, 0, np.int32))
+    rows = _fill(samples, [r.row for r in live], pad_row, np.int32)
+    paged = PagedBatch(slots, d_tables, d_pos, p_tables, p_pos.reshape(NQ, Q))
+    return StepBatch(decode_rows, p_tokens, paged, lora, sample_index, rows, sampling), samples
+
+
+def _fill(samples, values, pad, dtype) -> np.ndarray:
+    out = np.full(len(samples), pad, dtype)
+    out[[i for i, r in enumerate(samples) if r is not None]] = values
+    return out
+
+
+def _sampling_arrays(samples, n) -> SamplingArrays:
+    live = [r for r in samples if r is not None]
+    key_rows = np.zeros((n, 2), np.uint32)
+    for i, r in enumerate(samples):
+        if r is not None:
+            key_rows[i] = r.key
+    p = [r.params for r in live]
+    return SamplingArrays(
+        temperature=_fill(samples, [x.temperature for x in p], 0.0, np.float32),
+        top_p=_fill(samples, [x.top_p for x in p], 1.0, np.float32),
+        top_k=_fill(samples, [x.top_k for x in p], 0, np.int32),
+        keys=key_rows, counters=np.zeros(n, np.int32))
+
+
+class Engine:
+    """Continuous batching over a paged KV cache for one model (and its adapter bank).
+
+    Drive it from one thread with `step()` (tests, benchmarks) or `start()` a background
+    loop; `submit`, `cancel` and the returned streams are safe from any thread.
+    """
+
+    def __init__(self, model: Model, config: EngineConfig = EngineConfig(), clock=time.monotonic,
+                 devices=None):
+        self.model, self.config, self.clock = model, config, clock
+        self.mesh = sharding.make_mesh(config.tp, devices) if config.tp > 1 else None
+        if self.mesh is not None:
+            self._shard_model()
+        cfg = model.config
+        self.impl = config.impl or default_impl()
+        max_len = min(config.max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
+        self.sched_config = config.scheduler_config(max_len)
+        pages_per_seq = -(-max_len // config.page_size)
+        num_pages = config.num_pages or config.max_seqs * pages_per_seq + 1
+        self.pages = PageAllocator(num_pages, config.page_size)
+        self.scheduler = Scheduler(self.sched_config, self.pages)
+        self.metrics = EngineMetrics()
+        self.kv = init_pages(cfg, num_pages, config.page_size, model.dtype)
+        self.last_tokens = jnp.zeros(config.max_seqs, jnp.int32)
+        if self.mesh is not None:
+            self.kv = sharding.put(self.kv, sharding.kv_specs(self.kv), self.mesh)
+            self.last_tokens = sharding.put(self.last_tokens, sharding.P(), self.mesh)
+        self.programs = self._compile()
+        self._inbox: list = []
+        self._lock = threading.Condition()
+        self._requests: dict[str, Request] = {}
+        self._pending = None          # the dispatched step not yet read back
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    def _shard_model(self) -> None:
+        """Take over the model: its params re-laid out for the mesh and split across it."""
+        m, mesh = self.model, self.mesh
+        params, m.config = sharding.relayout(m.params, m.config, self.config.tp)
+        m.params = sharding.put(params, sharding.param_specs(params), mesh)
+        if m.bank is not None:
+            m.bank.cfg = m.config
+            m.bank.arrays = sharding.put(m.bank.arrays, sharding.bank_specs(m.bank.arrays), mesh)
+
+    # ---------------------------------------------------------------- compilation
+    def _compile(self) -> dict:
+        """One executable per (decode, prefill) bucket pair, compiled now."""
+        sc, cfg = self.sched_config, self.model.config
+        bank = self.model.bank.arrays if self.model.bank is not None else None
+        programs = {}
+        for Bd in sc.decode_buckets:
+            for Np in sc.prefill_buckets:
+                if Bd == Np == 0:
+                    continue
+                batch, _ = make_batch(Plan(decode_bucket=Bd, prefill_bucket=Np), sc, self.pages)
+                programs[Bd, Np] = engine_step.lower(
+                    self.model.params, bank, self.kv, self.last_tokens, batch, cfg=cfg,
+                    impl=self.impl, mesh=self.mesh).compile()
+        return programs
+
+    # ---------------------------------------------------------------- requests
+    def submit(self, prompt: Prompt, params: SamplingParams = SamplingParams(), *,
+               adapter: str | None = None, request_id: str | None = None,
+               timeout: float | None = None, chat: bool = True) -> RequestStream:
+        """Queue a request; returns its stream. Raises ValueError for bad input (naming the
+        value) and QueueFull when max_queue requests are waiting."""
+        model, limit = self.model, self.sched_config.max_seq_len
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if not (prompt if isinstance(prompt, str) else list(prompt)):
+            raise ValueError("the prompt is empty")
+        ids = encode_prompt(model, prompt, chat)
+        if len(ids) + params.max_tokens > limit:
+            raise ValueError(f"prompt of {len(ids)} tokens + max_tokens={params.max_tokens} "
+                             f"exceeds the context of {limit} tokens")
+        if params.stop and model.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none")
+        if adapter and model.bank is None:
+            raise ValueError(f"adapter {adapter!r} is not loaded; no adapters are loaded")
+        slot = model.bank.slot_of(adapter) if model.bank is not None else 0
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"timeout={timeout!r} must be a number of seconds > 0")
+        with self._lock:
+            request_id = request_id or f"req-{next(self._ids)}"
+            if request_id in self._requests:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_queue:
+                raise QueueFull(f"{self.config.max_queue} requests are already waiting")
+            now = self.clock()
+            r = Request(request_id, ids, params, seed_key(params.seed), slot=slot,
+                        adapter=adapter or None, arrival=now,
+                        deadline=None if timeout is None else now + timeout,
+                        stream=RequestStream(request_id))
+            r.decoder = IncrementalDecoder(model.tokenizer) if model.tokenizer else None
+            self._requests[request_id] = r
+            self._inbox.append(r)
+            self._lock.notify_all()
+        return r.stream
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request at the next step (its stream ends with "cancelled")."""
+        with self._lock:
+            r = self._requests.get(request_id)
+            if r is None:
+                return False
+            r.cancel_requested = True
+            self._lock.notify_all()
+            return True
+
+    # ---------------------------------------------------------------- the loop
+    def step(self) -> bool:
+        """Plan and dispatch one step, then read back the previous one. Returns whether
+        any work is left (queued, running or in flight)."""
+        with self._lock:
+            for r in self._inbox:
+                self.scheduler.add(r)
+            self._inbox.clear()
+        self._expire()
+        plan = self.scheduler.schedule()
+        pending = self._dispatch(plan) if not plan.empty else None
+        if self._pending is not None:
+            self._read_back(*self._pending)
+        self._pending = pending
+        self._update_gauges(plan)
+        return bool(self.scheduler.waiting or self.scheduler.running or self._pending
+                    or self._inbox)
+
+    def run_until_idle(self) -> None:
+        while self.step():
+            pass
+
+    def _dispatch(self, plan: Plan):
+        batch, samples = make_batch(plan, self.sched_config, self.pages)
+        bank = self.model.bank.arrays if self.model.bank is not None else None
+        program = self.programs[plan.decode_bucket, plan.prefill_bucket]
+        self.kv, self.last_tokens, tokens, logprobs = program(
+            self.model.params, bank, self.kv, self.last_tokens, batch)
+        return samples, tokens, logprobs
+
+    def _read_back(self, samples: list, tokens, logprobs) -> None:
+        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+        now = self.clock()
+        new: dict[Request, list] = {}
+        for i, r in enumerate(samples):
+            if r is None:
+                continue
+            r.in_flight -= 1
+            if r.status is not Status.FINISHED:
+                new.setdefault(r, []).append((int(tokens[i]), float(logprobs[i])))
+        for r, items in new.items():
+            self._accept(r, items, now)
+        with self.metrics.lock:
+            self.metrics.steps += 1
+
+    def _accept(self, r: Request, items: list, now: float) -> None:
+        """Append a request's new tokens, check its stops, stream the update."""
+        m, ids, lps, reason = self.metrics, [], [], None
+        for token, logprob in items:
+            with m.lock:
+                if r.first_token_time is None:
+                    r.first_token_time = now
+                    m.ttft.append(now - r.arrival)
+                    m.prompt_tokens += len(r.prompt_ids)
+                else:
+                    m.itl.append(now - r.last_token_time)
+                m.generation_tokens += 1
+            r.last_token_time = now
+            r.generated.append(token)
+            r.logprobs.append(logprob)
+            ids.append(token)
+            lps.append(logprob)
+            try:
+                if r.decoder is not None:
+                    r.decoder.push(token)
+            except Exception as e:  # a decode error ends this request only
+                return self._finish(r, "error", ids, lps, f"detokenization failed: {e}")
+            reason = self._stop_reason(r, token)
+            if reason is not None:
+                break
+        self._emit(r, ids, lps, reason)
+
+    def _stop_reason(self, r: Request, token: int) -> str | None:
+        p = r.params
+        if token in p.stop_token_ids or (not p.ignore_eos
+                                        and token in self.model.config.eos_token_ids):
+            return "stop"
+        if p.stop and any(s in r.decoder.text[max(0, r.text_sent - len(s)):] for s in p.stop):
+            return "stop"
+        if len(r.generated) >= p.max_tokens or \
+                len(r.prompt_ids) + len(r.generated) >= self.sched_config.max_seq_len:
+            return "length"
+        return None
+
+    def _emit(self, r: Request, ids: list, lps: list, reason: str | None) -> None:
+        """Stream new text; while running, hold back text that could start a stop string."""
+        text = r.decoder.text if r.decoder is not None else ""
+        hits = [i for i in (text.find(s) for s in r.params.stop) if i >= 0]
+        if hits:
+            text = text[:min(hits)]
+        end = len(text)
+        if reason is None and r.params.stop:
+            end = max(r.text_sent, end - max(map(len, r.params.stop)) + 1)
+        delta, r.text_sent = text[r.text_sent:end], end
+        if reason is not None:
+            return self._finish(r, reason, ids, lps, None, delta)
+        r.stream.put(RequestOutput(r.request_id, ids, delta, lps))
+
+    def _finish(self, r: Request, reason: str, ids=(), lps=(), error: str | None = None,
+                text: str = "") -> None:
+        self.scheduler.finish(r, reason)
+        now = self.clock()
+        r.finish_time = now
+        with self.metrics.lock:
+            self.metrics.finished[reason] += 1
+            self.metrics.e2e.append(now - r.arrival)
+        with self._lock:
+            self._requests.pop(r.request_id, None)
+        timings = dict(arrival=r.arrival, first_token=r.first_token_time, finished=now,
+                       prompt_tokens=len(r.prompt_ids), generated_tokens=len(r.generated),
+                       preemptions=r.preemptions)
+        r.stream.put(RequestOutput(r.request_id, list(ids), text, list(lps), True, reason,
+                                   error, timings))
+
+    def _expire(self) -> None:
+        now = self.clock()
+        for r in [*self.scheduler.running, *self.scheduler.waiting]:
+            if r.cancel_requested:
+                self._finish(r, "cancelled")
+            elif r.deadline is not None and now >= r.deadline:
+                self._finish(r, "deadline")
+
+    def _update_gauges(self, plan: Plan) -> None:
+        with self.metrics.lock:
+            self.metrics.num_waiting = len(self.scheduler.waiting) + len(self._inbox)
+            self.metrics.num_running = len(self.scheduler.running)
+            self.metrics.kv_usage = self.pages.usage
+            self.metrics.preemptions += len(plan.preempted)
+
+    # ---------------------------------------------------------------- background loop
+    def start(self) -> None:
+        """Run the loop in a background thread until `stop()`."""
+        if self._thread is not None:
+            raise RuntimeError("the engine is already running")
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="jlora-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            busy = self.step()
+            with self._lock:
+                if self._stop:
+                    return
+                if not busy and not self._inbox:
+                    self._lock.wait(timeout=0.05)
+
+    # ---------------------------------------------------------------- offline helper
+    def generate(self, prompts: Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+                 adapters: Sequence[str | None] | None = None) -> list[RequestOutput]:
+        """Submit all prompts, run the loop here until they finish; their final outputs."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        adapters = adapters or [None] * len(prompts)
+        streams = [self.submit(p, sp, adapter=a) for p, sp, a in zip(prompts, params, adapters)]
+        if self._thread is None:
+            self.run_until_idle()
+        return [s.result() for s in streams]
