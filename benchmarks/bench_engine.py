@@ -39,7 +39,7 @@ from jlora.config import preset
 from jlora.loader import Model
 from jlora.model import init_params
 from jlora.sampling import SamplingParams, seed_key
-from serving.engine import Engine, EngineConfig, make_batch
+from serving.engine import Engine, EngineConfig, make_batch, pack
 from serving.request import Request, RequestStream
 
 WORKLOADS = ("base", "distinct", "uniform", "skewed", "identical")
@@ -81,6 +81,11 @@ def place_running(engine: Engine, slots: list[int], context: int) -> None:
 def bench_decode(model: Model, kind: str, batch: int, context: int, steps: int,
                  ceiling: float, impl: str, tp: int = 1, devices=None) -> dict:
     slots = workload_slots(kind, batch)
+    c = model.config
+    per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * jnp.dtype(model.dtype).itemsize
+    fits = int((_free_bytes() - 3e9) / per_token / batch) - 3 * steps - 16
+    fits = min(fits, c.max_seq_len - 3 * steps - 16)
+    context = max(16, min(context, fits // 16 * 16))   # what fits next to weights and bank
     pages_needed = batch * (-(-(context + 3 * steps) // 16)) + 1
     cfg = EngineConfig(max_seqs=batch, page_size=16, num_pages=pages_needed,
                        decode_buckets=(batch,), prefill_buckets=(0,), impl=impl, tp=tp)
@@ -91,30 +96,33 @@ def bench_decode(model: Model, kind: str, batch: int, context: int, steps: int,
     for _ in range(5):
         engine.step()
     jax.block_until_ready(engine.last_tokens)
+    done = engine.metrics.snapshot()["generation_tokens"]
     t = time.perf_counter()
     for _ in range(steps):
         engine.step()
     jax.block_until_ready(engine.last_tokens)
     loop_s = (time.perf_counter() - t) / steps
+    done = engine.metrics.snapshot()["generation_tokens"] - done
+    assert done == batch * steps, f"{done} tokens read back in {steps} steps of {batch}"
 
     # The same program with nothing else to do: the device's own time per step.
     plan = engine.scheduler.schedule()
     batch_arrays, _ = make_batch(plan, engine.sched_config, engine.pages)
-    batch_arrays = jax.device_put(batch_arrays)
-    program = engine.programs[batch, 0]
+    batch_arrays = jax.device_put(pack(batch_arrays)[0])
+    program = engine.programs[batch, 0, "greedy"]
     bank = model.bank.arrays if model.bank is not None else None
     kv, last = engine.kv, engine.last_tokens
     times = []
+    phases = np.median(np.array(engine.metrics.snapshot()["host_phases"][-steps:]), axis=0)
     for rep in range(5):
         t = time.perf_counter()
         for _ in range(steps):
-            kv, last, tok, _ = program(model.params, bank, kv, last, batch_arrays)
-        tok.block_until_ready()
+            kv, last, out = program(model.params, bank, kv, last, batch_arrays)
+        out.block_until_ready()
         times.append((time.perf_counter() - t) / steps)
     device_s = statistics.median(times)
     engine.kv, engine.last_tokens = kv, last
 
-    c = model.config
     itemsize = jnp.dtype(model.dtype).itemsize
     weights = sum(x.nbytes for x in jax.tree.leaves(model.params)) - (
         0 if c.tie_embeddings else model.params["embed"].nbytes)
@@ -128,7 +136,8 @@ def bench_decode(model: Model, kind: str, batch: int, context: int, steps: int,
                 device_step_ms=device_s * 1e3, idle_pct=100 * max(0.0, 1 - device_s / loop_s),
                 tokens_per_s=batch / loop_s, floor_ms=floor_s * 1e3, vs_floor=loop_s / floor_s,
                 weights_gb=weights / 1e9, kv_gb=kv_bytes / 1e9, lora_gb=lora_bytes / 1e9,
-                compile_s=compile_s)
+                compile_s=compile_s, host_ms=dict(zip(("plan", "dispatch", "wait", "take_in"),
+                                                      (phases * 1e3).round(3).tolist())))
 
 
 def percentiles(xs) -> dict:
@@ -184,7 +193,9 @@ def with_bank(params, cfg, bank) -> Model:
 
 
 def tp_compare(cfg, tp: int, impl: str, ceiling: float, context: int, steps: int) -> dict:
-    """Tokens of one device vs `tp` devices (float32), then batch-64 Distinct throughput."""
+    """Tokens of one device vs `tp` devices (float32, XLA kernels: the Triton compiler
+    crashed on the float32 Pallas kernels at this shape), then batch-64 Distinct throughput
+    (bfloat16, `impl`)."""
     out = {"tp": tp}
     prompts = [np.random.default_rng(i).integers(3, cfg.vocab_size, 40 + 7 * i).tolist()
                for i in range(8)]
@@ -193,10 +204,12 @@ def tp_compare(cfg, tp: int, impl: str, ceiling: float, context: int, steps: int
     names = {slot: name for name, slot in bank32.slots.items()}
     greedy = SamplingParams(max_tokens=32, ignore_eos=True)
     ecfg = EngineConfig(max_seqs=8, page_size=16, num_pages=200, prefill_budget=512,
-                        decode_buckets=(0, 8), prefill_buckets=(0, 512), impl=impl)
+                        decode_buckets=(0, 8), prefill_buckets=(0, 512), impl="xla")
     adapters = [names.get(i % 9) for i in range(8)]
+    print("tp-compare: one device, float32", flush=True)
     one = Engine(with_bank(params32, cfg, bank32), ecfg).generate(prompts, greedy, adapters)
     gc.collect()
+    print(f"tp-compare: {tp} devices, float32", flush=True)
     params32 = init_params(cfg, jax.random.key(0), jnp.float32)
     bank32 = random_bank(cfg, 8, 16, jnp.float32, jax.random.key(3))
     many = Engine(with_bank(params32, cfg, bank32), EngineConfig(
@@ -206,7 +219,9 @@ def tp_compare(cfg, tp: int, impl: str, ceiling: float, context: int, steps: int
                                   for a, b in zip(one, many))
     del params32, bank32, one, many
     gc.collect()
+    print(f"tp-compare: same tokens {out['same_tokens']}", flush=True)
     for n in (1, tp):
+        print(f"tp-compare: distinct batch 64 on {n} device(s), bfloat16", flush=True)
         params = init_params(cfg, jax.random.key(0), jnp.bfloat16)
         bank = random_bank(cfg, 64, 16, jnp.bfloat16, jax.random.key(3))
         out[f"distinct64_tp{n}"] = bench_decode(with_bank(params, cfg, bank), "distinct", 64,
@@ -234,8 +249,8 @@ def main():
 
     impl = args.impl or ("pallas" if jax.default_backend() == "gpu" else "xla")
     cfg = preset(args.model)
+    device = jax.devices()[0]   # jax takes the GPUs before torch measures the copy ceiling
     ceiling, method = copy_bandwidth()
-    device = jax.devices()[0]
     print(f"device: {device.device_kind} x{len(jax.devices())} ({jax.default_backend()}), "
           f"jax {jax.__version__}, model {cfg.name}, bfloat16, impl {impl}")
     print(f"copy ceiling: {ceiling / 1e9:.0f} GB/s ({method}, read + write counted)")
@@ -259,7 +274,7 @@ def main():
                       f"{r['device_step_ms']:7.3f}, idle {r['idle_pct']:4.1f}%)  "
                       f"{r['tokens_per_s']:7.0f} tok/s  floor {r['floor_ms']:.3f} ms "
                       f"({r['vs_floor']:.2f}x; W {r['weights_gb']:.1f} + KV {r['kv_gb']:.2f} + "
-                      f"LoRA {r['lora_gb']:.2f} GB)  compile {r['compile_s']:.0f} s", flush=True)
+                      f"LoRA {r['lora_gb']:.2f} GB)  host ms {r['host_ms']}", flush=True)
         del bank
         gc.collect()
     if args.slora:

@@ -121,12 +121,23 @@ def _filter_top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -
     return jnp.where(scaled >= jnp.maximum(cutoff, kth), scaled, -jnp.inf)
 
 
-def sample(logits: jax.Array, s: SamplingArrays) -> tuple[jax.Array, jax.Array]:
+SAMPLE_MODES = ("auto", "greedy", "sample")
+
+
+def sample(logits: jax.Array, s: SamplingArrays,
+           mode: str = "auto") -> tuple[jax.Array, jax.Array]:
     """Pick one token per row of float32 logits [B, V].
+
+    mode "greedy": argmax for every row (the caller knows all rows are greedy); "sample":
+    every row's own settings, with no data-dependent branch (on a GPU, XLA waits on the host
+    to pick a branch, which would stall a serving loop); "auto": branch on the rows, so an
+    all-greedy batch skips the sort and the random draws.
 
     Returns token ids [B] int32 and their log-probabilities [B] under the model's
     unmodified distribution (as vLLM reports them).
     """
+    if mode not in SAMPLE_MODES:
+        raise ValueError(f"sampling mode {mode!r} is not one of {SAMPLE_MODES}")
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     greedy_row = s.temperature <= 0
@@ -136,14 +147,21 @@ def sample(logits: jax.Array, s: SamplingArrays) -> tuple[jax.Array, jax.Array]:
                                  counter)
         return jax.random.categorical(key, row)
 
-    def stochastic():
+    def stochastic(branch: bool):
         scaled = logits / jnp.where(greedy_row, 1.0, s.temperature)[:, None]
-        needs_filter = jnp.any(~greedy_row & ((s.top_k > 0) | (s.top_p < 1)))
-        scaled = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda x, *_: x,
-                              scaled, s.top_k, s.top_p)
+        if branch:
+            needs_filter = jnp.any(~greedy_row & ((s.top_k > 0) | (s.top_p < 1)))
+            scaled = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda x, *_: x,
+                                  scaled, s.top_k, s.top_p)
+        else:  # a row without top-k or top-p passes through the filter unchanged
+            scaled = _filter_top_k_top_p(scaled, s.top_k, s.top_p)
         drawn = jax.vmap(draw)(s.keys, s.counters, scaled).astype(jnp.int32)
         return jnp.where(greedy_row, greedy, drawn)
 
-    # An all-greedy batch (the common serving case) skips the sort and the random draws.
-    tokens = jax.lax.cond(jnp.all(greedy_row), lambda: greedy, stochastic)
+    if mode == "greedy":
+        tokens = greedy
+    elif mode == "sample":
+        tokens = stochastic(branch=False)
+    else:
+        tokens = jax.lax.cond(jnp.all(greedy_row), lambda: greedy, lambda: stochastic(True))
     return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]

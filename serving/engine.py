@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -55,15 +56,16 @@ class EngineConfig:
     piece: int = 16               # Q: prefill tokens per attention block
     max_queue: int = 1024         # waiting requests before submit refuses
     # Step shapes compiled at start-up: every (decode count, padded prefill tokens) pair but
-    # (0, 0). Counts are rounded up to the next bucket. Defaults: 0 and powers of two.
-    decode_buckets: tuple[int, ...] = ()   # (): 0 and the powers of two up to max_seqs
-    prefill_buckets: tuple[int, ...] = ()  # (): 0 and Q times powers of two up to the budget
+    # (0, 0). Counts are rounded up to the next bucket.
+    decode_buckets: tuple[int, ...] = ()   # (): 0, 1, 4, 16, ... and max_seqs
+    prefill_buckets: tuple[int, ...] = ()  # (): 0, Q, 4Q, 16Q, ... and the budget
     impl: str | None = None       # "pallas" or "xla"; None: Pallas on a GPU
     tp: int = 1                   # devices the model is split over (serving/sharding.py)
 
     def scheduler_config(self, max_seq_len: int) -> SchedulerConfig:
-        def pow2s(lo, hi):
-            return tuple(itertools.takewhile(lambda n: n < hi, (lo << i for i in range(64))))
+        def pow2s(lo, hi):  # lo, 4 lo, 16 lo, ... below hi: padding rows cost little on a
+            # memory-bound GPU step, and every bucket is two programs to compile
+            return tuple(itertools.takewhile(lambda n: n < hi, (lo << 2 * i for i in range(32))))
         decode = self.decode_buckets or (0, *pow2s(1, self.max_seqs), self.max_seqs)
         prefill = self.prefill_buckets or (0, *pow2s(self.piece, self.prefill_budget),
                                            self.prefill_budget)
@@ -99,12 +101,38 @@ class StepBatch(NamedTuple):
     sampling: SamplingArrays
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl", "mesh"),
+def pack(batch: StepBatch) -> tuple[np.ndarray, tuple]:
+    """The batch as one int32 buffer, so a step costs one host-to-device copy (a copy per
+    array cost milliseconds per step on the GPU), and its static layout for `unpack`."""
+    leaves, treedef = jax.tree.flatten(batch)
+    layout = tuple((x.shape, x.dtype.str) for x in leaves)   # all 4-byte types
+    flat = np.concatenate([np.ascontiguousarray(x).view(np.int32).reshape(-1) for x in leaves])
+    return flat, (treedef, layout)
+
+
+def unpack(flat: jax.Array, layout: tuple) -> StepBatch:
+    treedef, shapes = layout
+    leaves, start = [], 0
+    for shape, dtype in shapes:
+        x = flat[start:start + math.prod(shape)]
+        if np.dtype(dtype) != np.int32:
+            x = jax.lax.bitcast_convert_type(x, np.dtype(dtype))
+        leaves.append(x.reshape(shape))
+        start += math.prod(shape)
+    return jax.tree.unflatten(treedef, leaves)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "mesh", "layout", "mode"),
                    donate_argnames=("kv", "last_tokens"))
-def engine_step(params: Params, bank, kv: PagedKV, last_tokens: jax.Array, batch: StepBatch,
-                *, cfg: ModelConfig, impl: str, mesh: Mesh | None = None):
-    """One step over all scheduled tokens; returns (kv, last_tokens, tokens [Ns], logprobs).
-    With a mesh, the layers run per shard (serving/sharding.py)."""
+def engine_step(params: Params, bank, kv: PagedKV, last_tokens: jax.Array, packed: jax.Array,
+                *, cfg: ModelConfig, impl: str, mesh: Mesh | None = None, layout: tuple,
+                mode: str = "sample"):
+    """One step over all scheduled tokens; returns (kv, last_tokens, out) with out [2, Ns]:
+    the sampled tokens and their logprobs' float32 bits (one array: one copy back).
+    `packed` is the step's `StepBatch` as `pack` made it. With a mesh, the layers run per
+    shard (serving/sharding.py). `mode` is the sampler's ("greedy" when the host knows every
+    row is greedy); the step has no data-dependent branch, so dispatch never waits on it."""
+    batch = unpack(packed, layout)
     tokens = jnp.concatenate([last_tokens[batch.decode_rows], batch.prefill_tokens])  # [T]
     n = 1 if mesh is None else mesh.shape[sharding.AXIS]
     local_cfg, tp_axis = sharding.local_config(cfg, n), None if mesh is None else sharding.AXIS
@@ -115,9 +143,10 @@ def engine_step(params: Params, bank, kv: PagedKV, last_tokens: jax.Array, batch
 
     args = (params, bank, kv, tokens, batch.paged, batch.lora_slots)
     h, kv = layers(*args) if mesh is None else sharding.shard_layers(layers, mesh, *args)
-    sampled, logprobs = sample(logits(params, cfg, h[batch.sample_index]), batch.sampling)
+    sampled, logprobs = sample(logits(params, cfg, h[batch.sample_index]), batch.sampling, mode)
     last_tokens = last_tokens.at[batch.sample_rows].set(sampled, mode="drop")
-    return kv, last_tokens, sampled, logprobs
+    return kv, last_tokens, jnp.stack([sampled, jax.lax.bitcast_convert_type(logprobs,
+                                                                             jnp.int32)])
 
 
 def make_batch(plan: Plan, sched: SchedulerConfig,
@@ -236,7 +265,7 @@ class Engine:
 
     # ---------------------------------------------------------------- compilation
     def _compile(self) -> dict:
-        """One executable per (decode, prefill) bucket pair, compiled now."""
+        """One executable per (decode, prefill) bucket pair and sampler mode, compiled now."""
         sc, cfg = self.sched_config, self.model.config
         bank = self.model.bank.arrays if self.model.bank is not None else None
         programs = {}
@@ -245,9 +274,11 @@ class Engine:
                 if Bd == Np == 0:
                     continue
                 batch, _ = make_batch(Plan(decode_bucket=Bd, prefill_bucket=Np), sc, self.pages)
-                programs[Bd, Np] = engine_step.lower(
-                    self.model.params, bank, self.kv, self.last_tokens, batch, cfg=cfg,
-                    impl=self.impl, mesh=self.mesh).compile()
+                packed, layout = pack(batch)
+                for mode in ("greedy", "sample"):
+                    programs[Bd, Np, mode] = engine_step.lower(
+                        self.model.params, bank, self.kv, self.last_tokens, packed, cfg=cfg,
+                        impl=self.impl, mesh=self.mesh, layout=layout, mode=mode).compile()
         return programs
 
     # ---------------------------------------------------------------- requests
@@ -303,17 +334,25 @@ class Engine:
     def step(self) -> bool:
         """Plan and dispatch one step, then read back the previous one. Returns whether
         any work is left (queued, running or in flight)."""
+        t0 = time.perf_counter()
         with self._lock:
             for r in self._inbox:
                 self.scheduler.add(r)
             self._inbox.clear()
         self._expire()
         plan = self.scheduler.schedule()
-        pending = self._dispatch(plan) if not plan.empty else None
+        batch, samples = make_batch(plan, self.sched_config, self.pages)
+        t1 = time.perf_counter()
+        pending = self._dispatch(plan, batch, samples) if not plan.empty else None
+        t2 = time.perf_counter()
+        wait = 0.0
         if self._pending is not None:
-            self._read_back(*self._pending)
+            wait = self._read_back(*self._pending)
         self._pending = pending
         self._update_gauges(plan)
+        with self.metrics.lock:   # where the host's time goes, per step
+            self.metrics.host_phases.append((t1 - t0, t2 - t1, wait,
+                                             time.perf_counter() - t2 - wait))
         return bool(self.scheduler.waiting or self.scheduler.running or self._pending
                     or self._inbox)
 
@@ -321,16 +360,22 @@ class Engine:
         while self.step():
             pass
 
-    def _dispatch(self, plan: Plan):
-        batch, samples = make_batch(plan, self.sched_config, self.pages)
+    def _dispatch(self, plan: Plan, batch: StepBatch, samples: list):
         bank = self.model.bank.arrays if self.model.bank is not None else None
-        program = self.programs[plan.decode_bucket, plan.prefill_bucket]
-        self.kv, self.last_tokens, tokens, logprobs = program(
-            self.model.params, bank, self.kv, self.last_tokens, batch)
-        return samples, tokens, logprobs
+        greedy = all(r is None or r.params.temperature == 0 for r in samples)
+        program = self.programs[plan.decode_bucket, plan.prefill_bucket,
+                                "greedy" if greedy else "sample"]
+        self.kv, self.last_tokens, out = program(
+            self.model.params, bank, self.kv, self.last_tokens, pack(batch)[0])
+        out.copy_to_host_async()          # lands while the host prepares the next step
+        return samples, out
 
-    def _read_back(self, samples: list, tokens, logprobs) -> None:
-        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+    def _read_back(self, samples: list, out) -> float:
+        """Take in a step's tokens; returns the seconds spent waiting for them."""
+        t = time.perf_counter()
+        out = np.asarray(out)                                             # [2, Ns]
+        wait = time.perf_counter() - t
+        tokens, logprobs = out[0], out[1].view(np.float32)
         now = self.clock()
         new: dict[Request, list] = {}
         for i, r in enumerate(samples):
@@ -343,6 +388,7 @@ class Engine:
             self._accept(r, items, now)
         with self.metrics.lock:
             self.metrics.steps += 1
+        return wait
 
     def _accept(self, r: Request, items: list, now: float) -> None:
         """Append a request's new tokens, check its stops, stream the update."""

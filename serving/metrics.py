@@ -30,7 +30,9 @@ class EngineMetrics:
     ttft: deque = field(default_factory=_samples)        # seconds, arrival -> first token
     itl: deque = field(default_factory=_samples)         # seconds between a request's tokens
     e2e: deque = field(default_factory=_samples)         # seconds, arrival -> finish
-    step_time: deque = field(default_factory=_samples)   # seconds between step read-backs
+    # per step: seconds to plan (schedule, batch), dispatch, wait for the previous step's
+    # tokens, take them in (stops, detokenize, stream)
+    host_phases: deque = field(default_factory=_samples)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def snapshot(self) -> dict:
@@ -40,4 +42,4 @@ class EngineMetrics:
                         generation_tokens=self.generation_tokens, steps=self.steps,
                         preemptions=self.preemptions, finished=dict(self.finished),
                         ttft=list(self.ttft), itl=list(self.itl), e2e=list(self.e2e),
-                        step_time=list(self.step_time))
+                        host_phases=list(self.host_phases))

@@ -19,11 +19,12 @@ def test_pallas_engine_matches_xla_generation_alone():
                              temperature=float(rng.choice([0, 0.8])), seed=i)
               for i in range(16)]
     adapters = [[None, "lora", "dora", "tied"][i % 4] for i in range(16)]
-    engine = Engine(model, EngineConfig(max_seqs=8, page_size=16, num_pages=30,
+    engine = Engine(model, EngineConfig(max_seqs=8, page_size=16, num_pages=14,
                                         prefill_budget=64, impl="pallas"))
     outs = engine.generate(prompts, params, adapters)
-    assert engine.metrics.snapshot()["preemptions"] > 0
     for p, sp, a, got in zip(prompts, params, adapters, outs):
         ref = generate(model, [p], sp, chat=False, impl="xla", adapters=[a])[0]
         assert got.token_ids == ref.token_ids
-        np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=2e-3)
+        # the Pallas LoRA products run in TF32 on the GPU: logprobs agree to a few 1e-3
+        np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=5e-3)
+    assert engine.metrics.snapshot()["preemptions"] > 0   # 13 pages of 16 for 16 requests
