@@ -50,7 +50,9 @@ class QueueFull(Exception):
 class EngineConfig:
     max_seqs: int = 64            # sequences running at once (decode rows)
     page_size: int = 16           # Z: tokens per KV page
-    num_pages: int = 0            # P; 0: enough for max_seqs full-length sequences
+    num_pages: int = 0            # P; 0: enough for max_seqs full-length sequences, within
+                                  # kv_memory_gb (0: 90% of the free device memory, 2 GB on CPU)
+    kv_memory_gb: float = 0.0
     max_seq_len: int = 0          # 0: the model's
     prefill_budget: int = 256     # padded prefill tokens per step
     piece: int = 16               # Q: prefill tokens per attention block
@@ -235,8 +237,7 @@ class Engine:
         self.impl = config.impl or default_impl()
         max_len = min(config.max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
         self.sched_config = config.scheduler_config(max_len)
-        pages_per_seq = -(-max_len // config.page_size)
-        num_pages = config.num_pages or config.max_seqs * pages_per_seq + 1
+        num_pages = config.num_pages or self._default_pages(max_len)
         self.pages = PageAllocator(num_pages, config.page_size)
         self.scheduler = Scheduler(self.sched_config, self.pages)
         self.metrics = EngineMetrics()
@@ -253,6 +254,18 @@ class Engine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stop = False
+
+    def _default_pages(self, max_len: int) -> int:
+        cfg, c = self.model.config, self.config
+        wanted = c.max_seqs * -(-max_len // c.page_size) + 1
+        page_bytes = (2 * cfg.n_layers * cfg.n_kv_heads * c.page_size * cfg.head_dim
+                      * jnp.dtype(self.model.dtype).itemsize)
+        budget = c.kv_memory_gb * 1e9
+        if not budget:
+            stats = jax.devices()[0].memory_stats() or {}
+            free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+            budget = 0.9 * free * (c.tp or 1) if free > 0 else 2e9
+        return max(2, min(wanted, int(budget // page_bytes)))
 
     def _shard_model(self) -> None:
         """Take over the model: its params re-laid out for the mesh and split across it."""
