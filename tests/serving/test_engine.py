@@ -198,3 +198,24 @@ def test_queue_limit(model):
         eng.submit([1, 2], SamplingParams(max_tokens=2))
     eng.run_until_idle()
     eng.submit([1, 2], SamplingParams(max_tokens=2))     # room again
+
+
+def test_a_failing_request_ends_alone(model, engine):
+    """A detokenization error ends that request with finish_reason "error"; the others in
+    the same steps finish as if it had never been there."""
+    eng, _ = engine
+    p = SamplingParams(max_tokens=8, ignore_eos=True)
+    bad, good = eng.submit([4, 5, 6], p), eng.submit([7, 8, 9], p)
+
+    class Broken:
+        text = ""
+
+        def push(self, token):
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    eng._requests[bad.request_id].decoder = Broken()
+    eng.run_until_idle()
+    out = bad.result()
+    assert out.finish_reason == "error" and "detokenization failed" in out.error
+    assert good.result().token_ids == alone(model, [7, 8, 9], p, None).token_ids
+    assert eng.pages.num_free == eng.pages.capacity
