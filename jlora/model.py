@@ -50,10 +50,15 @@ class KVCache(NamedTuple):
 
 class LoraContext(NamedTuple):
     """Adapters for one forward: the bank's arrays (`jlora.bank.BankArrays`) and which slot
-    each of the B*T flattened tokens uses."""
+    each of the B*T flattened tokens uses. Any object with this `apply` can stand in (the
+    training modules do, with one dense adapter)."""
 
     bank: object
     batch: LoraBatch
+
+    def apply(self, x: jax.Array, y: jax.Array, layer: int, group: str, impl: str):
+        """y [T, out] of projection group `group` at `layer`, plus the adapters' term."""
+        return lora_apply(x, y, self.bank.weights(layer, group), self.batch, impl=impl)
 
 
 def project(x: jax.Array, w: jax.Array, lora: LoraContext | None, layer: int, group: str,
@@ -63,8 +68,7 @@ def project(x: jax.Array, w: jax.Array, lora: LoraContext | None, layer: int, gr
     if lora is None:
         return y
     B, T, _ = x.shape
-    y = lora_apply(x.reshape(B * T, -1), y.reshape(B * T, -1), lora.bank.weights(layer, group),
-                   lora.batch, impl=impl)
+    y = lora.apply(x.reshape(B * T, -1), y.reshape(B * T, -1), layer, group, impl)
     return y.reshape(B, T, -1)
 
 

@@ -1,4 +1,5 @@
 """Fine-tuning LoRA, DoRA and Tied-LoRA adapters with Flax NNX and optax.
 
-Empty until the fine-tuning issue lands.
+`modules` holds the trainable adapter module (math shared with serving's formula),
+`forward` the training forward and loss.
 """
