@@ -20,6 +20,7 @@ from flax import nnx
 
 from jlora.adapters import Adapter
 from jlora.loader import Model
+from training import checkpoint
 from training.data import Example, batches
 from training.forward import masked_loss, train_logits
 from training.modules import AdapterSpec, Adapters, to_adapter
@@ -38,9 +39,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 50
     seed: int = 0
+    checkpoint_dir: str | None = None   # resume from its newest checkpoint, save into it
+    checkpoint_every: int = 100
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "accumulate", "seq_len", "eval_every"):
+        for name in ("steps", "batch_size", "accumulate", "seq_len", "eval_every",
+                     "checkpoint_every"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be an integer >= 1")
         if not self.lr > 0:
@@ -51,8 +55,9 @@ class TrainConfig:
 class Result:
     adapter: Adapter
     module: Adapters
-    losses: list[float] = field(default_factory=list)         # per update
+    losses: list[float] = field(default_factory=list)         # per update run by this call
     evals: list[dict] = field(default_factory=list)           # step, loss, exact_match
+    first_step: int = 1                                       # > 1 after resuming
 
 
 def optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -109,34 +114,44 @@ def finetune(model: Model, train: list[Example], held_out: list[Example],
     adapters = Adapters(model.config, config.spec, model.params, nnx.Rngs(config.seed))
     opt = nnx.Optimizer(adapters, optimizer(config), wrt=nnx.LoRAParam)
     pad_id = 0
-    result = Result(adapter=None, module=adapters)
-    rng = np.random.default_rng(config.seed)
-    key = jax.random.key(config.seed)
-    stream = _endless(train, config, pad_id, rng)
+    mngr = checkpoint.manager(config.checkpoint_dir) if config.checkpoint_dir else None
+    done = checkpoint.restore_latest(mngr, adapters, opt) if mngr else 0
+    result = Result(adapter=None, module=adapters, first_step=done + 1)
     start, tokens_seen = time.perf_counter(), 0
-    for step in range(1, config.steps + 1):
-        for _ in range(config.accumulate):
-            tokens, mask = next(stream)
-            key, sub = jax.random.split(key)
-            loss = train_step(adapters, opt, model.params, tokens, mask, sub)
+    for step in range(done + 1, config.steps + 1):
+        for micro in range(config.accumulate):
+            tokens, mask = batch_at(train, config, step, micro, pad_id)
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), step),
+                                     micro)
+            loss = train_step(adapters, opt, model.params, tokens, mask, key)
             tokens_seen += int(mask.sum())
         result.losses.append(float(loss))
         if held_out and (step % config.eval_every == 0 or step == config.steps):
             result.evals.append({"step": step, **evaluate(adapters, model.params, held_out,
                                                           config, pad_id)})
+        if mngr and (step % config.checkpoint_every == 0 or step == config.steps):
+            checkpoint.save(mngr, step, adapters, opt)
         if progress:
-            _progress(step, config.steps, result, tokens_seen, time.perf_counter() - start)
+            _progress(step - done, config.steps - done, result, tokens_seen,
+                      time.perf_counter() - start)
+    if mngr:
+        mngr.wait_until_finished()
     if progress:
         print(file=sys.stderr)
     result.adapter = to_adapter(adapters, name)
     return result
 
 
-def _endless(examples, config, pad_id, rng):
-    while True:
-        order = rng.permutation(len(examples))
-        yield from batches([examples[i] for i in order], config.batch_size, config.seq_len,
-                           pad_id, drop_last=len(examples) >= config.batch_size)
+def batch_at(examples: list[Example], config: TrainConfig, step: int, micro: int,
+             pad_id: int = 0):
+    """The micro-batch of update `step` (from 1): a function of (seed, step), so a resumed
+    run sees exactly the batches an uninterrupted one would. Each epoch is a fresh shuffle."""
+    B, n = config.batch_size, len(examples)
+    i = (step - 1) * config.accumulate + micro
+    per_epoch = max(1, n // B)
+    order = np.random.default_rng([config.seed, i // per_epoch]).permutation(n)
+    chunk = [examples[j] for j in order[(i % per_epoch) * B:(i % per_epoch + 1) * B]]
+    return next(batches(chunk, B, config.seq_len, pad_id))
 
 
 def _progress(step, steps, result, tokens, elapsed):

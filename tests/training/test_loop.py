@@ -1,6 +1,8 @@
 """Fine-tuning on CPU: the loss falls and held-out exact match rises on a generated task,
 the base weights stay bit-identical, and the result serves as trained."""
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,3 +52,20 @@ def test_loss_falls_accuracy_rises_base_untouched_and_serving_agrees():
                          jnp.full(4, slot, jnp.int32))
     np.testing.assert_allclose(served, train_logits(model.params, CFG, result.module, tokens),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_resuming_from_a_checkpoint_reproduces_the_next_losses(tmp_path):
+    params = init_params(CFG, jax.random.key(0), jnp.float32)
+    model = Model(CFG, params, None, "tiny")
+    train = task(64, 2)
+    config = TrainConfig(AdapterSpec("dora", rank=4, dropout=0.1), steps=12, batch_size=8,
+                         seq_len=8, lr=1e-2, warmup=2, accumulate=2, checkpoint_every=6)
+    with_checkpoints = TrainConfig(**{**config.__dict__, "checkpoint_dir": str(tmp_path)})
+    straight = finetune(model, train, [], with_checkpoints, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["12", "6"]
+    shutil.rmtree(tmp_path / "12")               # as if the run had died after step 6
+    resumed = finetune(model, train, [], with_checkpoints, progress=False)
+    assert resumed.first_step == 7 and resumed.losses == straight.losses[6:]
+    for key, mod in straight.adapter.modules.items():
+        np.testing.assert_array_equal(resumed.adapter.modules[key].b, mod.b)
+        np.testing.assert_array_equal(resumed.adapter.modules[key].m, mod.m)
