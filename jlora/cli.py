@@ -1,4 +1,5 @@
-"""The `jlora` command line: `generate` (a batch of prompts) and `chat` (an interactive session).
+"""The `jlora` command line: `generate` (a batch of prompts), `chat` (an interactive session)
+and `train` (fine-tune an adapter: training/cli.py).
 
 Parses arguments and request files, calls `jlora.generate`, prints. Errors a user can cause
 are printed as one line naming the bad value, with exit status 2; no traceback.
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompts", nargs="*", metavar="PROMPT")
     chat = sub.add_parser("chat", help="talk with the model in the terminal")
     _add_model_args(chat)
+    from training.cli import add_parser as add_train_parser
+    add_train_parser(sub)
     return parser
 
 
@@ -190,6 +193,9 @@ def cmd_chat(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "train":
+            from training.cli import cmd_train
+            return cmd_train(args)
         return {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"jlora: error: {e}", file=sys.stderr)

@@ -160,5 +160,5 @@ def _progress(step, steps, result, tokens, elapsed):
     ev = f"  eval loss {last['loss']:.3f} match {last['exact_match']:.2f}" if last else ""
     bar = "#" * int(30 * step / steps)
     print(f"\r[{bar:<30}] {step}/{steps} loss {result.losses[-1]:.3f}{ev}  "
-          f"{tokens / elapsed:.0f} tok/s  ETA {eta:.0f} s", end="", file=sys.stderr,
+          f"{tokens / elapsed:.0f} target tok/s  ETA {eta:.0f} s", end="", file=sys.stderr,
           flush=True)
