@@ -8,7 +8,6 @@ NAME=DIR` and PEFT's `PeftModel.from_pretrained(model, DIR)` both take the direc
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
