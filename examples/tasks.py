@@ -39,11 +39,11 @@ def make(task: str, n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def exact_match(model, records: list[dict], adapter: str | None, max_tokens: int = 24) -> float:
-    from jlora.generate import generate
+def exact_match(engine, records: list[dict], adapter: str | None, max_tokens: int = 24) -> float:
+    """Greedy answers through a serving engine (continuous batching over a paged KV cache)."""
     from jlora.sampling import SamplingParams
-    outs = generate(model, [r["prompt"] for r in records], SamplingParams(max_tokens=max_tokens),
-                    adapters=[adapter] * len(records))
+    outs = engine.generate([r["prompt"] for r in records], SamplingParams(max_tokens=max_tokens),
+                           adapters=[adapter] * len(records))
     return sum(o.text.strip() == r["completion"] for o, r in zip(outs, records)) / len(records)
 
 
@@ -68,14 +68,19 @@ def main(argv=None):
                 f.writelines(json.dumps(r) + "\n" for r in rows)
         return
     from jlora.loader import load_adapter, load_model
+    from serving.engine import Engine, EngineConfig
     model = load_model(args.model)
     with open(args.data) as f:
         held_out = [json.loads(line) for line in f if line.strip()]
-    result = {"held_out": len(held_out), "base": exact_match(model, held_out, None)}
     for spec in args.adapter:
         name, path = spec.split("=", 1)
-        load_adapter(model, path, name=name, max_loras=len(args.adapter))
-        result[name] = exact_match(model, held_out, name)
+        load_adapter(model, path, name=name, max_loras=len(args.adapter), max_lora_rank=16)
+    engine = Engine(model, EngineConfig(max_seqs=16, max_seq_len=256, prefill_budget=128,
+                                        decode_buckets=(0, 16), prefill_buckets=(0, 128)))
+    result = {"held_out": len(held_out), "base": exact_match(engine, held_out, None)}
+    for spec in args.adapter:
+        name = spec.split("=", 1)[0]
+        result[name] = exact_match(engine, held_out, name)
     print(json.dumps(result))
 
 

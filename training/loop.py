@@ -111,6 +111,11 @@ def finetune(model: Model, train: list[Example], held_out: list[Example],
     if model.config.tp != 1:
         raise ValueError("train on a model loaded for one device (its config has tp="
                          f"{model.config.tp})")
+    cut = sum(len(e.tokens) > config.seq_len for e in (*train, *held_out))
+    if cut:   # their completions' ends (EOS included) would never be learned or checked
+        print(f"warning: {cut} of {len(train) + len(held_out)} examples are longer than "
+              f"seq_len={config.seq_len} and are cut; the longest has "
+              f"{max(len(e.tokens) for e in (*train, *held_out))} tokens", file=sys.stderr)
     adapters = Adapters(model.config, config.spec, model.params, nnx.Rngs(config.seed))
     opt = nnx.Optimizer(adapters, optimizer(config), wrt=nnx.LoRAParam)
     pad_id = 0
