@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from jlora.jsonl import read_objects
 from jlora.loader import DEFAULT_MODEL, DTYPES
 
 REQUEST_KEYS = ("prompt", "prompt_token_ids", "messages", "max_tokens", "temperature", "top_p",
@@ -75,21 +76,8 @@ def _sampling(args, overrides: dict | None = None):
 
 def read_requests(path: Path, args) -> tuple[list, list, list]:
     """Prompts, sampling params and adapter names from a JSONL file; errors name the line."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise ValueError(f"cannot read requests file {path}: {e.strerror}") from None
     prompts, params, adapters = [], [], []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            req = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(req, dict):
-            raise ValueError(f"{where}: each line must be a JSON object, got {req!r}")
+    for where, req in read_objects(path, "requests file"):
         unknown = sorted(set(req) - set(REQUEST_KEYS))
         if unknown:
             raise ValueError(f"{where}: unknown keys {unknown}; allowed: {', '.join(REQUEST_KEYS)}")

@@ -9,12 +9,12 @@ length so the train step compiles once. No packing yet: one example per row.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from jlora.jsonl import read_objects
 from jlora.tokenizer import Tokenizer
 
 
@@ -57,19 +57,8 @@ def encode(tokenizer: Tokenizer, record: dict, eos_id: int | None, chat: bool = 
 
 def load_jsonl(path: str | Path, tokenizer: Tokenizer, eos_id: int | None,
                chat: bool = True) -> list[Example]:
-    out = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{i}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: each line must be a JSON object")
-            out.append(encode(tokenizer, record, eos_id, chat, where))
+    out = [encode(tokenizer, record, eos_id, chat, where)
+           for where, record in read_objects(path, "training data")]
     if not out:
         raise ValueError(f"{path} has no examples")
     return out

@@ -1,0 +1,28 @@
+"""JSON Lines input (request files, training data): one object per non-empty line, with
+errors that name the file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_objects(path: str | Path, what: str = "file") -> list[tuple[str, dict]]:
+    """(where, object) for each non-empty line; `where` is "path:line" for error messages."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path}: {e.strerror}") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: each line must be a JSON object, got {obj!r}")
+        out.append((where, obj))
+    return out
