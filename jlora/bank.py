@@ -188,7 +188,7 @@ class AdapterBank:
                     if mod.w is not None:
                         w[m] = np.asarray(mod.w, np.float32)
                     if mod.m is not None:
-                        g[m] = dora_scale(params, cfg, layer, target, mod)
+                        g[m] = dora_scale(params, cfg, layer, target, mod, R)
                 t = {k: jnp.asarray(v) for k, v in col.items()}
                 if "tied" in self.features:
                     t["u"], t["w"] = jnp.asarray(u), tuple(jnp.asarray(x) for x in w)
@@ -249,9 +249,25 @@ def slot_rows(L: int, M: int, R: int, slot: int, layer: int, m: int,
     return (slot - 1) * L * M * R + (layer * M + m) * R, (slot - 1) * L * R + layer * R
 
 
-def dora_scale(params: dict, cfg: ModelConfig, layer: int, target: str, mod) -> np.ndarray:
-    """g = m / ||W + s BA|| per output channel (norm over inputs), in float32."""
-    w = base_weight(params, cfg, layer, target).astype(jnp.float32)          # [in, out]
-    delta = mod.scale * (jnp.asarray(mod.b) @ jnp.asarray(mod.a)).T          # [in, out]
-    norm = jnp.linalg.norm(w + delta, axis=0)
-    return np.asarray(jnp.asarray(mod.m) / norm, np.float32)
+def dora_scale(params: dict, cfg: ModelConfig, layer: int, target: str, mod,
+               max_rank: int | None = None) -> np.ndarray:
+    """g = m / ||W + s BA|| per output channel (norm over inputs), in float32.
+
+    A and B are zero-padded to max_rank (default: their rank), so one compiled program
+    serves every layer and every rank up to it (serving compiles it once, at start-up)."""
+    r, R = mod.rank, max_rank or mod.rank
+    a = np.zeros((R, mod.a.shape[1]), np.float32)
+    b = np.zeros((mod.b.shape[0], R), np.float32)
+    a[:r], b[:, :r] = mod.a, mod.b
+    name, _ = fused_index(cfg, target)
+    g = _dora_scale(params["layers"][layer][name], a, b, np.float32(mod.scale),
+                    np.asarray(mod.m, np.float32), cfg=cfg, target=target)
+    return np.asarray(g)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "target"))
+def _dora_scale(fused: jax.Array, a, b, scale, m, *, cfg: ModelConfig, target: str):
+    _, columns = fused_index(cfg, target)
+    w = fused[:, columns].astype(jnp.float32)                                 # [in, out]
+    norm = jnp.linalg.norm(w + scale * (b @ a).T, axis=0)
+    return m / norm

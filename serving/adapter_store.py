@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
+import numpy as np
 
-from jlora.adapters import Adapter
-from jlora.bank import EMPTY, AdapterBank
+from jlora.adapters import Adapter, ModuleAdapter, target_shapes
+from jlora.bank import EMPTY, AdapterBank, dora_scale
 from jlora.formats.native import read_adapter
 from serving.adapter_cache import AdapterCache, Entry, UnknownAdapter
 
@@ -144,6 +145,13 @@ class AdapterStore:
         slot = next((s for s in range(1, self.bank.n_slots) if s not in self.bank.adapters), 1)
         adapter = self.bank.adapters.get(slot, EMPTY)
         self.bank.put(adapter, slot, self.bank.slot_data(adapter, self.params, slot))
+        if "dora" in self.bank.features:   # DoRA's scale: one program per target module
+            shapes = target_shapes(self.bank.cfg)
+            for target, (n_in, n_out) in shapes.items():
+                mod = ModuleAdapter(a=np.ones((1, n_in), np.float32),
+                                    b=np.ones((n_out, 1), np.float32), scale=1.0,
+                                    m=np.ones(n_out, np.float32))
+                dora_scale(self.params, self.bank.cfg, 0, target, mod, self.bank.max_rank)
 
     # ------------------------------------------------------------------ loader thread
     def start(self) -> None:
