@@ -17,7 +17,9 @@ request is admitted to it, so its slot frees up as its running requests finish, 
 adapter waiting for a slot gets it within one request lifetime.
 
 This module decides; it neither reads files nor touches a device (serving/adapter_store.py
-does both). No jax here. All methods are thread-safe.
+does both). No jax here. All methods take the lock; the slot decisions (`want`, `acquire`,
+`release`, `begin_step`, `end_step`, `loaded`, `failed`) are the engine thread's alone, so
+nothing is evicted between the scheduler finding an adapter ready and acquiring it.
 """
 
 from __future__ import annotations
@@ -81,18 +83,20 @@ class AdapterCache:
         self._drain_wanted = False
 
     # ------------------------------------------------------------------ registry
-    def register(self, entry: Entry, replace: bool = False) -> None:
+    def register(self, entry: Entry, replace: bool = False, limits: bool = True) -> None:
+        """Add `entry` under its name; limits=False skips the pin and host-budget checks
+        (adapters already in a bank before serving started)."""
         with self.lock:
             old = self.entries.get(entry.name)
             if old is not None and not replace:
                 raise ValueError(f"adapter {entry.name!r} is already loaded (from "
                                  f"{old.path or 'memory'}); pass replace=True to replace it")
             pins = sum(e.pinned for e in self.entries.values() if e is not old)
-            if entry.pinned and pins + 1 > max(1, self.n_slots - 1):
+            if limits and entry.pinned and pins + 1 > max(1, self.n_slots - 1):
                 raise ValueError(f"cannot pin {entry.name!r}: {pins} of the {self.n_slots} "
                                  "adapter slots are pinned already, and one must stay free "
                                  "for the others")
-            if entry.path is None and entry.adapter is not None:
+            if limits and entry.path is None and entry.adapter is not None:
                 pinned_bytes = sum(e.nbytes for e in self._host_entries() if e.path is None)
                 if pinned_bytes + entry.nbytes > self.host_bytes:
                     raise ValueError(

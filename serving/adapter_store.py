@@ -68,8 +68,8 @@ class AdapterStore:
 
         Raises ValueError for a bad name, a malformed or unservable adapter, or a name in use
         (without replace); FileNotFoundError for a missing path. Requests already using a
-        replaced version finish with it. A pinned adapter is sent to the GPU at once and never
-        leaves it."""
+        replaced version finish with it. A pinned adapter is sent to the GPU at the next step
+        and never leaves it."""
         if not isinstance(name, str) or not name or "=" in name or len(name) > 200:
             raise ValueError(f"adapter name {name!r} must be 1-200 characters without '='")
         if isinstance(source, Adapter):
@@ -77,16 +77,16 @@ class AdapterStore:
         else:
             path = Path(source)
             adapter = read_adapter(path, self.bank.cfg.n_layers, name)
+        entry = self._entry(name, adapter, path, pin)
+        self.cache.register(entry, replace)   # a pinned one is sent for at the next step
+        return AdapterInfo.of(entry)
+
+    def _entry(self, name: str, adapter: Adapter, path: Path | None, pin: bool) -> Entry:
         adapter.name = name
         self.bank.check(adapter)
-        entry = Entry(name=name, version=1, path=path, variant=adapter.variant,
-                      rank=adapter.max_rank if adapter.modules else 0,
-                      targets=adapter.targets, nbytes=adapter.nbytes(), adapter=adapter,
-                      pinned=pin)
-        self.cache.register(entry, replace)
-        if pin:
-            self.cache.want(entry)
-        return AdapterInfo.of(entry)
+        return Entry(name=name, version=1, path=path, variant=adapter.variant,
+                     rank=adapter.max_rank if adapter.modules else 0, targets=adapter.targets,
+                     nbytes=adapter.nbytes(), adapter=adapter, pinned=pin)
 
     def scan(self, directory: str | Path) -> list[str]:
         """Register each adapter directory in `directory` under its directory name."""
@@ -117,11 +117,23 @@ class AdapterStore:
 
     def adopt(self, bank: AdapterBank) -> None:
         """Register the adapters a model's bank already holds (`jlora.loader.load_adapter`):
-        in place if `bank` is this store's, else to be loaded on demand."""
-        for slot, adapter in sorted(bank.adapters.items()):
-            self.load(adapter.name, adapter)
+        in place if `bank` is this store's, else to be loaded on demand. They were given in
+        memory, so the host budget does not refuse them."""
+        for name, slot in sorted(bank.slots.items(), key=lambda item: item[1]):
+            adapter = bank.adapters.get(slot)
+            if adapter is not None:
+                entry = self._entry(name, adapter, None, False)
+            elif bank is self.bank:   # written straight into the device arrays (benchmarks):
+                # it can never be loaded again, so it never leaves its slot
+                entry = Entry(name=name, version=1, path=None, variant="lora",
+                              rank=bank.max_rank, targets=(), nbytes=0, pinned=True)
+            else:
+                raise ValueError(f"adapter {name!r} of the model's bank has no host copy to "
+                                 "move into the engine's bank; use max_loras=0 to serve the "
+                                 "model's bank as it is")
+            self.cache.register(entry, limits=False)
             if bank is self.bank:
-                self.cache.place(self.cache.get(adapter.name), slot)
+                self.cache.place(entry, slot)
 
     # ------------------------------------------------------------------ step thread
     def commit(self) -> list[tuple[Entry, str]]:
@@ -135,16 +147,21 @@ class AdapterStore:
                 failed.append((entry, error))
             elif self.cache.loaded(entry, seconds):
                 self.bank.put(adapter, slot, data)
-        for entry in [e for e in self.cache.entries.values() if e.pinned and e.slot is None]:
-            self.cache.want(entry)
+        with self.cache.lock:
+            for entry in [e for e in self.cache.entries.values()
+                          if e.pinned and e.slot is None]:
+                self.cache.want(entry)
         return failed
 
     def warm_up(self) -> None:
         """Compile the slot write now (serving never compiles): rewrite a slot with what it
         holds, which changes nothing."""
-        slot = next((s for s in range(1, self.bank.n_slots) if s not in self.bank.adapters), 1)
-        adapter = self.bank.adapters.get(slot, EMPTY)
-        self.bank.put(adapter, slot, self.bank.slot_data(adapter, self.params, slot))
+        held = set(self.bank.slots.values()) | set(self.bank.adapters)
+        free = [s for s in range(1, self.bank.n_slots) if s not in held]
+        if free or self.bank.adapters:   # else every slot holds an adapter that exists only
+            # on the device: nothing can be evicted, so nothing will ever be loaded
+            slot, adapter = (free[0], EMPTY) if free else min(self.bank.adapters.items())
+            self.bank.put(adapter, slot, self.bank.slot_data(adapter, self.params, slot))
         if "dora" in self.bank.features:   # DoRA's scale: one program per target module
             shapes = target_shapes(self.bank.cfg)
             for target, (n_in, n_out) in shapes.items():
@@ -178,7 +195,7 @@ class AdapterStore:
 
     def _run(self) -> None:
         while not self._stop:
-            entry = self.cache.next_job(timeout=0.1)
+            entry = self.cache.next_job(timeout=1.0)
             if entry is None:
                 continue
             self._busy = True

@@ -446,7 +446,8 @@ class Engine:
         """Dispatch the finished adapter loads' slot writes; a failed load ends the requests
         waiting for it (running ones never wait for a load)."""
         holders = {r.slot: r.lora for r in self.scheduler.running if r.lora is not None}
-        before = {e.slot: e for e in self.adapters.cache.slots.values() if not e.on_gpu}
+        with self.adapters.cache.lock:
+            before = {e.slot: e for e in self.adapters.cache.slots.values() if not e.on_gpu}
         failed = self.adapters.commit()
         for slot, entry in before.items():   # a slot being written is no running request's
             assert holders.get(slot, entry) is entry, f"slot {slot} overwritten while in use"

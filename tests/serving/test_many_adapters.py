@@ -181,7 +181,10 @@ def test_pinned_adapter_stays_and_bad_input_is_refused(setup):
             eng.adapters.load(f"ad{i}", root / f"ad{i}")
         p = SamplingParams(max_tokens=2)
         eng.generate([[3]] * 3, p, adapters=["ad2", "ad3", "ad4"])
+        eng.adapters.wait_idle()
+        eng.step()                                  # takes in the last finished load
         assert eng.adapters.info("pinned").residency == "gpu"
+        assert eng.adapters.info("pinned").loads == 1   # loaded once, never evicted
         with pytest.raises(ValueError, match="cannot pin 'p2': 1 of the 2 adapter slots"):
             eng.adapters.load("p2", root / "ad2", pin=True)
         with pytest.raises(ValueError, match="rank 8 exceeds the configured maximum rank 4"):
