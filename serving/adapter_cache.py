@@ -80,7 +80,7 @@ class AdapterCache:
         self.evictions = 0
         self.lock = threading.Condition(threading.RLock())
         self._tick = 0
-        self._drain_wanted = False
+        self._drain_wanted: bool | None = None
 
     # ------------------------------------------------------------------ registry
     def register(self, entry: Entry, replace: bool = False, limits: bool = True) -> None:
@@ -178,12 +178,12 @@ class AdapterCache:
     # ------------------------------------------------------------------ GPU slots
     def begin_step(self) -> None:
         with self.lock:
-            self._drain_wanted = False
+            self._drain_wanted = None     # no want made yet this step
 
     def end_step(self) -> None:
-        """A step in which every want was met lifts the drain."""
+        """A step whose wants were all met lifts the drain (one with no wants keeps it)."""
         with self.lock:
-            if not self._drain_wanted:
+            if self._drain_wanted is False:
                 for e in self.slots.values():
                     e.draining = False
 
@@ -194,6 +194,8 @@ class AdapterCache:
         (prefetch) only one that no waiting request needs. With no slot to be had, drains one.
         """
         with self.lock:
+            if evict_wanted and self._drain_wanted is None:
+                self._drain_wanted = False
             if entry.slot is not None:
                 return True
             entry.misses += 1

@@ -125,3 +125,26 @@ def test_host_tier_is_lru_by_bytes():
     memory = entry("m", nbytes=300, path=None, adapter=object())
     with pytest.raises(ValueError, match="does not fit the host adapter budget of 250"):
         cache.register(memory)                       # nothing could make room for it
+
+
+def test_drain_holds_through_steps_without_wants():
+    """Steps that make no want (rows full) must not lift the drain, or the adapter that
+    asked for a slot could wait for ever."""
+    cache = AdapterCache(n_slots=1, host_bytes=10_000)
+    a, b = entry("a"), entry("b")
+    cache.register(a)
+    cache.register(b)
+    loaded(cache, a)
+    cache.acquire(a)
+    cache.begin_step()
+    assert not cache.want(b)
+    cache.end_step()
+    for _ in range(3):                               # no admissions: nobody wants anything
+        cache.begin_step()
+        cache.end_step()
+    assert a.draining and not cache.ready(a)
+    cache.release(a)
+    cache.begin_step()
+    assert cache.want(b)
+    cache.end_step()
+    assert b.slot == 1 and a.residency == "disk"
