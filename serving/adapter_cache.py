@@ -77,6 +77,7 @@ class AdapterCache:
         self.slots: dict[int, Entry] = {}       # slot -> entry holding it (loading or gpu)
         self.retired: list[Entry] = []          # replaced/unloaded, still bound
         self.jobs: deque[Entry] = deque()       # slots reserved, waiting for the loader
+        self.unplaced_pins: set[Entry] = set()  # pinned entries still without a slot
         self.evictions = 0
         self.lock = threading.Condition(threading.RLock())
         self._tick = 0
@@ -110,6 +111,8 @@ class AdapterCache:
             self.entries[entry.name] = entry
             if entry.adapter is not None:
                 self._keep(entry, entry.adapter)
+            if entry.pinned and entry.slot is None:
+                self.unplaced_pins.add(entry)
 
     def unregister(self, name: str) -> Entry:
         with self.lock:
@@ -130,6 +133,7 @@ class AdapterCache:
 
     def _retire(self, entry: Entry) -> None:
         entry.registered, entry.pinned = False, False
+        self.unplaced_pins.discard(entry)
         self.retired.append(entry)
         self._forget_if_unused(entry)
 
@@ -211,6 +215,7 @@ class AdapterCache:
                 self.evictions += 1
             entry.slot, entry.on_gpu, entry.error = slot, False, None
             self.slots[slot] = entry
+            self.unplaced_pins.discard(entry)
             self.jobs.append(entry)
             self.lock.notify_all()
             return True
@@ -221,6 +226,7 @@ class AdapterCache:
             assert slot not in self.slots and entry.slot is None, (slot, entry.name)
             entry.slot, entry.on_gpu = slot, True
             self.slots[slot] = entry
+            self.unplaced_pins.discard(entry)
 
     def _free_slot_number(self) -> int | None:
         for s in range(1, self.n_slots + 1):
@@ -281,6 +287,8 @@ class AdapterCache:
         with self.lock:
             entry.error = error
             self._free_slot(entry)
+            if entry.pinned:
+                self.unplaced_pins.add(entry)
 
     # ------------------------------------------------------------------ host tier
     def _host_entries(self) -> list[Entry]:

@@ -148,10 +148,13 @@ class AdapterStore:
             elif self.cache.loaded(entry, seconds):
                 self.bank.put(adapter, slot, data)
         with self.cache.lock:
-            for entry in [e for e in self.cache.entries.values()
-                          if e.pinned and e.slot is None]:
+            for entry in list(self.cache.unplaced_pins):
                 self.cache.want(entry)
         return failed
+
+    def pending(self) -> bool:
+        """Is there anything for `commit` to do (cheap: called every step)?"""
+        return bool(self._done or self.cache.unplaced_pins)
 
     def warm_up(self) -> None:
         """Compile the slot write now (serving never compiles): rewrite a slot with what it
