@@ -157,21 +157,24 @@ class AdapterStore:
         return bool(self._done or self.cache.unplaced_pins)
 
     def warm_up(self) -> None:
-        """Compile the slot write now (serving never compiles): rewrite a slot with what it
-        holds, which changes nothing."""
-        held = set(self.bank.slots.values()) | set(self.bank.adapters)
-        free = [s for s in range(1, self.bank.n_slots) if s not in held]
-        if free or self.bank.adapters:   # else every slot holds an adapter that exists only
-            # on the device: nothing can be evicted, so nothing will ever be loaded
-            slot, adapter = (free[0], EMPTY) if free else min(self.bank.adapters.items())
-            self.bank.put(adapter, slot, self.bank.slot_data(adapter, self.params, slot))
-        if "dora" in self.bank.features:   # DoRA's scale: one program per target module
-            shapes = target_shapes(self.bank.cfg)
-            for target, (n_in, n_out) in shapes.items():
+        """Compile the slot writes now (serving never compiles), one per slot capacity: write
+        into a free slot of each capacity the empty adapter, or rewrite an adapter there."""
+        bank, held = self.bank, set(self.bank.slots.values()) | set(self.bank.adapters)
+        for rank in sorted(set(bank.slot_ranks[1:])):
+            slots = [s for s in range(1, bank.n_slots) if bank.slot_ranks[s] == rank]
+            free = [s for s in slots if s not in held]
+            known = [s for s in slots if s in bank.adapters]
+            if free or known:   # else its slots hold adapters that exist only on the device:
+                # nothing there can be evicted, so nothing will ever be loaded there
+                slot = (free or known)[0]
+                adapter = bank.adapters.get(slot, EMPTY)
+                bank.put(adapter, slot, bank.slot_data(adapter, self.params, slot))
+        if "dora" in bank.features:   # DoRA's scale: one program per target module
+            for target, (n_in, n_out) in target_shapes(bank.cfg).items():
                 mod = ModuleAdapter(a=np.ones((1, n_in), np.float32),
                                     b=np.ones((n_out, 1), np.float32), scale=1.0,
                                     m=np.ones(n_out, np.float32))
-                dora_scale(self.params, self.bank.cfg, 0, target, mod, self.bank.max_rank)
+                dora_scale(self.params, bank.cfg, 0, target, mod, bank.max_rank)
 
     # ------------------------------------------------------------------ loader thread
     def start(self) -> None:

@@ -76,6 +76,8 @@ class EngineConfig:
     max_loras: int = 0
     max_lora_rank: int = 64
     lora_memory_gb: float = 0.0
+    lora_slot_ranks: tuple[int, ...] = ()   # each slot's rank capacity, instead of max_loras
+                                            # slots of max_lora_rank: small ones cost less
     host_lora_gb: float = 8.0     # host memory for adapters off the GPU (LRU by bytes)
     adapter_dir: str = ""         # register every adapter directory in it at start-up
     policy: str = "vtc"           # admission order: "vtc" (fair per tenant) or "fcfs"
@@ -259,7 +261,8 @@ class Engine:
         self.pages = PageAllocator(num_pages, config.page_size)
         self.adapters, cache = None, None
         if self.bank is not None:
-            cache = AdapterCache(self.bank.n_slots - 1, int(config.host_lora_gb * 1e9))
+            cache = AdapterCache(self.bank.n_slots - 1, int(config.host_lora_gb * 1e9),
+                                 self.bank.slot_ranks[1:])
             self.adapters = AdapterStore(self.bank, model.params, cache)
             if model.bank is not None:
                 self.adapters.adopt(model.bank)
@@ -289,6 +292,12 @@ class Engine:
         holds), or the model's own; None serves the base model only."""
         c, m = self.config, self.model
         n = c.max_loras
+        if c.lora_slot_ranks:
+            if n or c.lora_memory_gb:
+                raise ValueError(f"give lora_slot_ranks={c.lora_slot_ranks} or max_loras / "
+                                 "lora_memory_gb, not both")
+            return AdapterBank(m.config, len(c.lora_slot_ranks) + 1, max(c.lora_slot_ranks),
+                               m.dtype, slot_ranks=c.lora_slot_ranks)
         if c.lora_memory_gb:
             if n:
                 raise ValueError(f"give max_loras={n} or lora_memory_gb={c.lora_memory_gb}, "

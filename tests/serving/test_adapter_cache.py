@@ -148,3 +148,29 @@ def test_drain_holds_through_steps_without_wants():
     assert cache.want(b)
     cache.end_step()
     assert b.slot == 1 and a.residency == "disk"
+
+
+def test_slots_of_several_rank_capacities():
+    cache = AdapterCache(n_slots=3, host_bytes=10_000, slot_ranks=(4, 16, 8))
+    small, mid, big = entry("small"), entry("mid"), entry("big")
+    small.rank, mid.rank, big.rank = 4, 8, 16
+    for e in (small, mid, big):
+        cache.register(e)
+    loaded(cache, big)
+    loaded(cache, small)
+    assert (big.slot, small.slot) == (2, 1)      # each in the least capacity that holds it
+    cache.acquire(small)
+    loaded(cache, mid)                           # the 8 slot: free, and the smallest fit
+    assert mid.slot == 3
+    cache.acquire(mid)
+    other = entry("other")
+    other.rank = 16
+    cache.register(other)
+    cache.begin_step()
+    assert cache.want(other) and other.slot == 2   # evicts big: the only idle slot that fits
+    cache.end_step()
+    huge = entry("huge")
+    huge.rank = 32
+    with pytest.raises(ValueError, match="'huge' has rank 32; the largest adapter slot holds "
+                                         "rank 16"):
+        cache.register(huge)

@@ -201,3 +201,40 @@ def test_pinned_adapter_stays_and_bad_input_is_refused(setup):
                    replace(CONFIG, max_loras=0, lora_memory_gb=1e-9))
     finally:
         eng.close()
+
+
+def test_slots_of_several_rank_capacities_serve_mixed_ranks(setup):
+    """Slots of rank capacity 2, 4, 4 and 8: adapters of rank 2-8 (LoRA, DoRA, Tied-LoRA)
+    give the outputs of a uniform bank, in less memory."""
+    _, params = setup
+    eng = Engine(Model(CFG, params, None, "tiny"),
+                 replace(CONFIG, max_loras=0, max_lora_rank=8, lora_slot_ranks=(2, 4, 4, 8)))
+    uniform = AdapterBank(CFG, 5, 8, jnp.float32).nbytes()   # 4 slots of rank 8
+    saved = (4 * 8 - (2 + 4 + 4 + 8)) * slot_bytes(CFG, 1, jnp.float32)
+    assert eng.bank.nbytes() == uniform - saved
+    rng = np.random.default_rng(1)
+    adapters = {}
+    for i in range(12):
+        rank = (2, 4, 8)[i % 3]
+        if i % 4 == 1:
+            a = random_tied_adapter(CFG, f"m{i}", rank, seed=100 + i, targets=("q", "v"))
+        else:
+            a = random_lora_adapter(CFG, f"m{i}", rank, seed=100 + i,
+                                    variant="dora" if i % 4 == 2 else "lora",
+                                    targets=("q", "k", "o", "up"))
+        adapters[a.name] = a
+        eng.adapters.load(a.name, a)
+    try:
+        names = [f"m{rng.integers(12)}" for _ in range(40)]
+        prompts = [rng.integers(3, CFG.vocab_size, rng.integers(1, 10)).tolist() for _ in names]
+        sampling = [random_params(rng) for _ in names]
+        outs = eng.generate(prompts, sampling, adapters=names)
+    finally:
+        eng.close()
+    oracle = Oracle(params)
+    oracle.model.bank = AdapterBank(CFG, 2, 8, jnp.float32)
+    for out, prompt, sp, name in zip(outs, prompts, sampling, names):
+        ref = oracle(prompt, sp, adapters[name])
+        assert (out.token_ids, out.finish_reason) == (ref.token_ids, ref.finish_reason), name
+    used = {e.name: e for e in eng.adapters.cache.entries.values()}
+    assert all(eng.bank.slot_ranks[s] >= used[a.name].rank for s, a in eng.bank.adapters.items())
