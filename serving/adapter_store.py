@@ -21,11 +21,36 @@ import jax
 import numpy as np
 
 from jlora.adapters import Adapter, ModuleAdapter, target_shapes
-from jlora.bank import EMPTY, AdapterBank, dora_scale
+from jlora.bank import EMPTY, AdapterBank, dora_scale, slot_bytes
 from jlora.formats.native import read_adapter
 from serving.adapter_cache import AdapterCache, Entry, UnknownAdapter
 
-__all__ = ["AdapterInfo", "AdapterStore", "UnknownAdapter"]
+__all__ = ["AdapterInfo", "AdapterStore", "UnknownAdapter", "make_bank"]
+
+
+def make_bank(model, config) -> AdapterBank | None:
+    """The engine's adapter bank, sized by its `EngineConfig`: lora_slot_ranks, or max_loras
+    slots of max_lora_rank, or as many as lora_memory_gb holds; else the model's own bank
+    (`load_adapter`), or None: the base model only."""
+    c, cfg, n = config, model.config, config.max_loras
+    if c.lora_slot_ranks:
+        if n or c.lora_memory_gb:
+            raise ValueError(f"give lora_slot_ranks={c.lora_slot_ranks} or max_loras / "
+                             "lora_memory_gb, not both")
+        return AdapterBank(cfg, len(c.lora_slot_ranks) + 1, max(c.lora_slot_ranks),
+                           model.dtype, slot_ranks=c.lora_slot_ranks)
+    if c.lora_memory_gb:
+        if n:
+            raise ValueError(f"give max_loras={n} or lora_memory_gb={c.lora_memory_gb}, "
+                             "not both")
+        each = slot_bytes(cfg, c.max_lora_rank, model.dtype)
+        n = int(c.lora_memory_gb * 1e9 // each)
+        if n < 1:
+            raise ValueError(f"lora_memory_gb={c.lora_memory_gb} holds no adapter slot of "
+                             f"rank {c.max_lora_rank} ({each} bytes each)")
+    if n < 0:
+        raise ValueError(f"max_loras={n} must be >= 0")
+    return AdapterBank(cfg, n + 1, c.max_lora_rank, model.dtype) if n else model.bank
 
 
 @dataclass(frozen=True)
@@ -111,6 +136,16 @@ class AdapterStore:
         with self.cache.lock:
             return [AdapterInfo.of(e) for e in sorted(self.cache.entries.values(),
                                                       key=lambda e: e.name)]
+
+    def metrics(self) -> dict:
+        """Per adapter residency, loads, hits, misses and load times; evictions; host bytes."""
+        cache = self.cache
+        with cache.lock:
+            return dict(adapters={e.name: dict(residency=e.residency, loads=e.loads,
+                                               hits=e.hits, misses=e.misses,
+                                               load_seconds=list(e.load_seconds))
+                                  for e in cache.entries.values()},
+                        adapter_evictions=cache.evictions, host_lora_bytes=cache.host_used)
 
     def __contains__(self, name: str) -> bool:
         return name in self.cache.entries
