@@ -33,6 +33,8 @@ def make_bank(model, config) -> AdapterBank | None:
     slots of max_lora_rank, or as many as lora_memory_gb holds; else the model's own bank
     (`load_adapter`), or None: the base model only."""
     c, cfg, n = config, model.config, config.max_loras
+    if not c.host_lora_gb >= 0:
+        raise ValueError(f"host_lora_gb={c.host_lora_gb} must be >= 0")
     if c.lora_slot_ranks:
         if n or c.lora_memory_gb:
             raise ValueError(f"give lora_slot_ranks={c.lora_slot_ranks} or max_loras / "
@@ -99,6 +101,9 @@ class AdapterStore:
             raise ValueError(f"adapter name {name!r} must be 1-200 characters without '='")
         if isinstance(source, Adapter):
             adapter, path = source, None
+        elif not isinstance(source, (str, Path)):
+            raise ValueError(f"adapter source {source!r} must be a directory path or an "
+                             "Adapter")
         else:
             path = Path(source)
             adapter = read_adapter(path, self.bank.cfg.n_layers, name)

@@ -193,6 +193,10 @@ def test_pinned_adapter_stays_and_bad_input_is_refused(setup):
             eng.adapters.load("nowhere", root / "missing")
         with pytest.raises(ValueError, match="adapter name 'a=b' must be"):
             eng.adapters.load("a=b", root / "ad1")
+        with pytest.raises(ValueError, match="source 7 must be a directory path or an Adapter"):
+            eng.adapters.load("seven", 7)
+        with pytest.raises(ValueError, match="host_lora_gb=-1 must be >= 0"):
+            Engine(Model(CFG, params, None, "tiny"), replace(CONFIG, host_lora_gb=-1))
         with pytest.raises(ValueError, match="give max_loras=8 or lora_memory_gb=1.0"):
             Engine(Model(CFG, params, None, "tiny"), replace(CONFIG, lora_memory_gb=1.0))
         with pytest.raises(ValueError, match=r"lora_memory_gb=1e-09 holds no adapter slot of "
