@@ -174,58 +174,56 @@ class AdapterBank:
         self.put(EMPTY, slot, self.slot_data(EMPTY, None, slot))
 
     def slot_data(self, adapter: Adapter, params, slot: int) -> dict:
-        """Device arrays for slot `slot`: its pool row ranges and its table column (built on
-        the host, then copied; the step's arrays are not touched)."""
+        """Device arrays for slot `slot`: its pool row ranges and its table column, built on
+        the host in a few arrays (tables stacked over layers) and copied in one transfer;
+        the step's arrays are not touched."""
         self.check(adapter)
         cfg, L, R = self.cfg, self.cfg.n_layers, self.slot_ranks[slot]
         if adapter.modules and adapter.max_rank > R:
             raise ValueError(f"adapter {adapter.name!r} has rank {adapter.max_rank}; slot "
                              f"{slot} holds ranks up to {R}")
-        shapes = target_shapes(cfg)
+        shapes, dtype = target_shapes(cfg), np.dtype(self.dtype)
         tied = adapter.variant == "tied"
-        pools, tables = {}, [{} for _ in range(L)]
+        pools, tables = {}, {}
         for group, targets in GROUPS.items():
-            M = len(targets)
-            a_rows = np.zeros((L * M * R, shapes[targets[0]][0]), np.float32)
-            b_rows = [np.zeros((L * R, shapes[t][1]), np.float32) for t in targets]
+            M, widths = len(targets), [shapes[t][1] for t in targets]
+            a_rows = np.zeros((L * M * R, shapes[targets[0]][0]), dtype)
+            b_rows = [np.zeros((L * R, n), dtype) for n in widths]
             a_base, b_base = self.slot_rows(M, slot, 0, 0)
-            for layer in range(L):
-                col = {k: np.zeros(M, np.int32) for k in ("a_start", "b_start", "rank")}
-                col["scale"] = np.zeros(M, np.float32)
-                u = np.ones((M, v_width(self.max_rank)), np.float32)
-                w = [np.ones(shapes[t][1], np.float32) for t in targets]
-                g = [np.ones(shapes[t][1], np.float32) for t in targets]
-                for m, target in enumerate(targets):
-                    mod = adapter.modules.get((layer, target))
-                    if mod is None:
-                        continue
-                    r = mod.rank
-                    a_start, b_start = self.slot_rows(M, slot, layer, m, tied)
-                    a_off, b_off = a_start - a_base, b_start - b_base
-                    a_rows[a_off:a_off + r] = mod.a
-                    b_rows[m][b_off:b_off + r] = mod.b.T
-                    col["a_start"][m], col["b_start"][m] = a_start, b_start
-                    col["rank"][m], col["scale"][m] = r, mod.scale
-                    if mod.u is not None:
-                        u[m, :r] = mod.u
-                    if mod.w is not None:
-                        w[m] = np.asarray(mod.w, np.float32)
-                    if mod.m is not None:
-                        g[m] = dora_scale(params, cfg, layer, target, mod, self.max_rank)
-                t = {k: jnp.asarray(v) for k, v in col.items()}
-                if "tied" in self.features:
-                    t["u"], t["w"] = jnp.asarray(u), tuple(jnp.asarray(x) for x in w)
-                if "dora" in self.features:
-                    t["g"] = tuple(jnp.asarray(x) for x in g)
-                tables[layer][group] = t
-            pools[group] = (jnp.asarray(a_rows, self.dtype), a_base,
-                            tuple(jnp.asarray(x, self.dtype) for x in b_rows), b_base)
-        return {"pools": pools, "tables": tables}
+            t = {k: np.zeros((L, M), np.int32) for k in ("a_start", "b_start", "rank")}
+            t["scale"] = np.zeros((L, M), np.float32)
+            t["u"] = np.ones((L, M, v_width(self.max_rank)), np.float32)
+            t["w"] = tuple(np.ones((L, n), np.float32) for n in widths)
+            t["g"] = tuple(np.ones((L, n), np.float32) for n in widths)
+            for layer, m in np.ndindex(L, M):
+                mod = adapter.modules.get((layer, targets[m]))
+                if mod is None:
+                    continue
+                r = mod.rank
+                a_start, b_start = self.slot_rows(M, slot, layer, m, tied)
+                a_rows[a_start - a_base:a_start - a_base + r] = mod.a
+                b_rows[m][b_start - b_base:b_start - b_base + r] = mod.b.T
+                t["a_start"][layer, m], t["b_start"][layer, m] = a_start, b_start
+                t["rank"][layer, m], t["scale"][layer, m] = r, mod.scale
+                if mod.u is not None:
+                    t["u"][layer, m, :r] = mod.u
+                if mod.w is not None:
+                    t["w"][m][layer] = mod.w
+                if mod.m is not None:
+                    t["g"][m][layer] = dora_scale(params, cfg, layer, targets[m], mod,
+                                                  self.max_rank)
+            for feature, keys in (("tied", ("u", "w")), ("dora", ("g",))):
+                if feature not in self.features:
+                    for k in keys:
+                        del t[k]
+            pools[group], tables[group] = (a_rows, a_base, tuple(b_rows), b_base), t
+        return jax.device_put({"pools": pools, "tables": tables})
 
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _write_slot(arrays: BankArrays, slot: jax.Array, data: dict) -> BankArrays:
-    """Write one slot's rows and table column in place (one program per slot capacity)."""
+    """Write one slot's rows and table column in place (one program per slot capacity).
+    data["tables"][group][key] is stacked over layers: [L, ...]."""
     pools = {}
     for group, (a, b) in arrays.pools.items():
         rows_a, a_base, rows_b, b_base = data["pools"][group]
@@ -233,16 +231,17 @@ def _write_slot(arrays: BankArrays, slot: jax.Array, data: dict) -> BankArrays:
         b = tuple(jax.lax.dynamic_update_slice(bm, rb, (b_base, 0)) for bm, rb in zip(b, rows_b))
         pools[group] = (a, b)
     tables = []
-    for layer_tables, layer_data in zip(arrays.tables, data["tables"]):
+    for layer, layer_tables in enumerate(arrays.tables):
         new = {}
         for group, t in layer_tables.items():
-            d = layer_data[group]
-            n = {k: t[k].at[:, slot].set(d[k]) for k in ("a_start", "b_start", "rank", "scale")}
+            d = data["tables"][group]
+            n = {k: t[k].at[:, slot].set(d[k][layer])
+                 for k in ("a_start", "b_start", "rank", "scale")}
             if "u" in t:
-                n["u"] = t["u"].at[:, slot].set(d["u"])
-                n["w"] = tuple(x.at[slot].set(y) for x, y in zip(t["w"], d["w"]))
+                n["u"] = t["u"].at[:, slot].set(d["u"][layer])
+                n["w"] = tuple(x.at[slot].set(y[layer]) for x, y in zip(t["w"], d["w"]))
             if "g" in t:
-                n["g"] = tuple(x.at[slot].set(y) for x, y in zip(t["g"], d["g"]))
+                n["g"] = tuple(x.at[slot].set(y[layer]) for x, y in zip(t["g"], d["g"]))
             new[group] = n
         tables.append(new)
     return BankArrays(pools=pools, tables=tables, max_rank=arrays.max_rank)
