@@ -33,10 +33,8 @@ for section in "$@"; do
         run bench-adapters 420 python -m benchmarks.bench_adapters --model llama2-7b \
             --working-set 8 32 128 512 --slots 32 --rank 16 --rate 8 --requests 300 ;;
     train)     # issue 6, acceptance 5
-        run bench-train-smollm2 200 python -m benchmarks.bench_train --model smollm2-135m \
-            --rank 16 --batch 8 --seq-len 512
-        run bench-train-llama3 260 python -m benchmarks.bench_train --model llama3-8b \
-            --rank 16 --batch 4 --seq-len 512 ;;
+        run bench-train 400 python -m benchmarks.bench_train --model smollm2-135m llama3-8b \
+            --rank 16 --batch 8 --seq-len 512 ;;
     server)    # issue 8, acceptance 5: gRPC vs in-process, batch-32 Distinct
         run bench-server 300 python -m benchmarks.bench_server --model llama2-7b ;;
     tp)        # issue 5, acceptance 5: where the two-GPU engine crashed, then the comparison

@@ -192,12 +192,19 @@ def write_kv(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Arra
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                      positions: jax.Array) -> jax.Array:
     """Causal grouped-query attention of q [B, T, H, E] over the cache k, v [B, G, S, E]."""
+    visible = jnp.arange(k.shape[2])[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    return masked_attention(q, k, v, visible)
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     visible: jax.Array) -> jax.Array:
+    """Grouped-query attention of q [B, T, H, E] over k, v [B, G, S, E], query t seeing key s
+    where visible [B, T, S] (every query must see at least one key). Returns [B, T, H*E]."""
     B, T, H, E = q.shape
-    G, S = k.shape[1], k.shape[2]
+    G = k.shape[1]
     q = q.reshape(B, T, G, H // G, E) * (E ** -0.5)                     # [B, T, G, R, E]
     scores = jnp.einsum("btgre,bgse->bgrts", q, k,
                         preferred_element_type=jnp.float32)            # [B, G, R, T, S]
-    visible = jnp.arange(S)[None, None, :] <= positions[:, :, None]     # [B, T, S]
     scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bgrts,bgse->btgre", probs, v)                     # [B, T, G, R, E]

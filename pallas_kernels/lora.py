@@ -297,44 +297,63 @@ def token_slots_of(batch: LoraBatch, T: int) -> jax.Array:
     return batch.seg_slots[jnp.clip(seg, 0, batch.seg_slots.shape[0] - 1)]
 
 
-def _gather_rows(pool, start, rank, R):
-    """Each token's adapter rows [T, R, cols] from a pool (rows past its rank read as 0)."""
+def _slot_rows(pool, start, rank, R):
+    """One slot's adapter rows [R, cols] from a pool (rows past its rank read as 0)."""
     i = jnp.arange(R)
-    live = i[None, :] < rank[:, None]                                  # [T, R]
-    rows = jnp.where(live, start[:, None] + i[None, :], 0)
-    return jnp.where(live[..., None], pool[rows], 0), live
+    live = i < rank                                                    # [R]
+    return jnp.where(live[:, None], pool[jnp.where(live, start + i, 0)], 0), live
+
+
+def _per_slot(slots: jax.Array, n_slots: int, init: jax.Array, term) -> jax.Array:
+    """Sum over slots s of where(slots == s, term(s), 0), one slot at a time and only for
+    slots the batch uses: memory is that of one term ([T, cols]), never a per-token copy of
+    adapter rows ([T, R, cols], which ran the CPU path out of memory on long prefills), and
+    the work is that of the distinct slots in the batch, not of the whole bank."""
+    def body(s, acc):
+        used = slots == s
+        return lax.cond(used.any(), lambda: jnp.where(used[:, None], term(s), acc),
+                        lambda: acc)
+    return lax.fori_loop(1, n_slots, body, init)       # slot 0 has no adapter
 
 
 def lora_shrink_reference(x: jax.Array, weights: LoraWeights, slots: jax.Array,
                           R: int) -> jax.Array:
-    """Gather-then-einsum shrink: [1, M, T, R] float32 (zeros past each rank)."""
+    """Shrink slot by slot: [1, M, T, R] float32 (zeros past each rank and on slot 0)."""
     precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    u = weights.u
+    if u is not None:
+        u = jnp.pad(u, ((0, 0), (0, 0), (0, max(0, R - u.shape[2]))))[:, :, :R]
     out = []
     for m in range(len(weights.b)):
-        a, live = _gather_rows(weights.a, weights.a_start[m, slots], weights.rank[m, slots], R)
-        v = jnp.einsum("td,trd->tr", x, a, precision=precision,
-                       preferred_element_type=jnp.float32)             # [T, R]
-        if weights.u is not None:
-            u = jnp.pad(weights.u, ((0, 0), (0, 0), (0, max(0, R - weights.u.shape[2]))))
-            v = v * u[m, slots, :R].astype(jnp.float32)
-        out.append(jnp.where(live, v, 0.0))
+        def term(s, m=m):
+            a, live = _slot_rows(weights.a, weights.a_start[m, s], weights.rank[m, s], R)
+            v = jnp.einsum("td,rd->tr", x, a, precision=precision,
+                           preferred_element_type=jnp.float32)         # [T, R]
+            if u is not None:
+                v = v * u[m, s].astype(jnp.float32)
+            return jnp.where(live, v, 0.0)
+        out.append(_per_slot(slots, weights.a_start.shape[1],
+                             jnp.zeros((x.shape[0], R), jnp.float32), term))
     return jnp.stack(out)[None]
 
 
 def lora_expand_reference(y: jax.Array, v: jax.Array, weights: LoraWeights,
                           slots: jax.Array) -> jax.Array:
-    """Gather-then-einsum expand of the partial sums v [KS, M, T, R] into y [T, sum N_m]."""
+    """Expand the partial sums v [KS, M, T, R] into y [T, sum N_m], slot by slot."""
     R = v.shape[-1]
     v = v.sum(axis=0)                                                  # [M, T, R]
     precision = lax.Precision.HIGHEST if y.dtype == jnp.float32 else None
     parts, offset = [], 0
     for m, n in enumerate(weights.widths):
-        b, live = _gather_rows(weights.b[m], weights.b_start[m, slots],
-                               weights.rank[m, slots], R)
-        delta = jnp.einsum("tr,trn->tn", jnp.where(live, v[m], 0.0), b.astype(jnp.float32),
-                           precision=precision) * weights.scale[m, slots][:, None]
-        if weights.w is not None:
-            delta = delta * weights.w[m][slots].astype(jnp.float32)
+        def term(s, m=m):
+            b, live = _slot_rows(weights.b[m], weights.b_start[m, s], weights.rank[m, s], R)
+            delta = jnp.einsum("tr,rn->tn", jnp.where(live, v[m], 0.0), b.astype(jnp.float32),
+                               precision=precision) * weights.scale[m, s]  # [T, N]
+            if weights.w is not None:
+                delta = delta * weights.w[m][s].astype(jnp.float32)
+            return delta
+        delta = _per_slot(slots, weights.a_start.shape[1],
+                          jnp.zeros((y.shape[0], n), jnp.float32), term)
         part = y[:, offset:offset + n].astype(jnp.float32) + delta
         if weights.g is not None:
             part = jnp.where((slots != 0)[:, None],

@@ -35,6 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--pack", action="store_true",
+                   help="pack several examples into each row (--batch-size then counts rows)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=10)
@@ -67,7 +69,7 @@ def cmd_train(args) -> int:
     train, held_out = split(examples, args.held_out, args.seed)
     config = TrainConfig(spec, args.steps, args.batch_size, args.accumulate, args.seq_len,
                          args.lr, args.warmup, eval_every=args.eval_every, seed=args.seed,
-                         checkpoint_dir=args.checkpoint_dir)
+                         checkpoint_dir=args.checkpoint_dir, pack=args.pack)
     name = args.name or args.out.name
     result = finetune(model, train, held_out, config, name=name)
     write_native(result.adapter, args.out)

@@ -4,7 +4,9 @@ A line is `{"prompt": str, "completion": str}` or `{"messages": [{"role", "conte
 (the last message is the assistant's answer to learn). The prompt goes through the model's
 chat template (with the generation prompt), the completion is followed by EOS, and only the
 completion's tokens (EOS included) count in the loss. Batches are padded to one sequence
-length so the train step compiles once. No packing yet: one example per row.
+length so the train step compiles once. `pack` puts several examples in one row (first fit,
+in the order given), each with its own segment id and positions from 0; the training
+forward (`training.forward`) keeps packed examples from seeing each other.
 """
 
 from __future__ import annotations
@@ -20,8 +22,12 @@ from jlora.tokenizer import Tokenizer
 
 @dataclass
 class Example:
+    """One example, or a packed row of several (`pack`)."""
+
     tokens: np.ndarray     # [n] int32: prompt then completion
     mask: np.ndarray       # [n] bool: the completion's tokens
+    segments: np.ndarray | None = None    # [n] int32: which packed example (None: all 0)
+    positions: np.ndarray | None = None   # [n] int32: position in its example (None: 0..n-1)
 
 
 def example(prompt_ids, completion_ids) -> Example:
@@ -73,17 +79,57 @@ def split(examples: list[Example], held_out: float, seed: int = 0):
     return [examples[i] for i in order[n:]], [examples[i] for i in order[:n]]
 
 
+def pack(examples: list[Example], seq_len: int) -> list[Example]:
+    """Rows of at most seq_len tokens, each holding whole examples side by side (an example
+    longer than seq_len is cut and fills a row alone). First fit in the given order: an
+    example goes into the first row with room for it. Segment ids count from 1 in a row.
+
+    Example: lengths 5, 4, 3 at seq_len 8 -> rows [5 + 3 tokens], [4 tokens]; the first row's
+    segments are 1 1 1 1 1 2 2 2 and its positions 0 1 2 3 4 0 1 2.
+    """
+    if not (isinstance(seq_len, int) and seq_len >= 1):
+        raise ValueError(f"seq_len={seq_len!r} must be an integer >= 1")
+    room = np.zeros(0, np.int64)                    # free tokens per row so far
+    members: list[list[int]] = []
+    for i, e in enumerate(examples):
+        n = min(len(e.tokens), seq_len)
+        fits = np.flatnonzero(room >= n)
+        if fits.size:
+            room[fits[0]] -= n
+            members[fits[0]].append(i)
+        else:
+            room = np.append(room, seq_len - n)
+            members.append([i])
+    return [_join([examples[i] for i in row], seq_len) for row in members]
+
+
+def _join(parts: list[Example], seq_len: int) -> Example:
+    cut = [slice(0, min(len(e.tokens), seq_len)) for e in parts]
+    return Example(
+        tokens=np.concatenate([e.tokens[c] for e, c in zip(parts, cut)]),
+        mask=np.concatenate([e.mask[c] for e, c in zip(parts, cut)]),
+        segments=np.concatenate([np.full(c.stop, j + 1, np.int32) for j, c in enumerate(cut)]),
+        positions=np.concatenate([np.arange(c.stop, dtype=np.int32) for c in cut]))
+
+
 def batches(examples: list[Example], batch_size: int, seq_len: int, pad_id: int = 0,
             drop_last: bool = False):
-    """(tokens [B, S] int32, mask [B, S] bool) batches; examples longer than S are cut, the
-    last batch is filled with empty rows (mask all False) unless dropped."""
+    """(tokens [B, S] int32, mask [B, S] bool, segments [B, S] int32, positions [B, S] int32)
+    batches; examples longer than S are cut, the last batch is filled with empty rows (mask
+    all False) unless dropped. Padding has segment id -1 (it sees only padding)."""
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         if drop_last and len(chunk) < batch_size:
             return
         tokens = np.full((batch_size, seq_len), pad_id, np.int32)
         mask = np.zeros((batch_size, seq_len), bool)
+        segments = np.full((batch_size, seq_len), -1, np.int32)
+        positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32),
+                                    (batch_size, seq_len)).copy()
         for i, e in enumerate(chunk):
             n = min(len(e.tokens), seq_len)
             tokens[i, :n], mask[i, :n] = e.tokens[:n], e.mask[:n]
-        yield tokens, mask
+            segments[i, :n] = 0 if e.segments is None else e.segments[:n]
+            if e.positions is not None:
+                positions[i, :n] = e.positions[:n]
+        yield tokens, mask, segments, positions

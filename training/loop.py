@@ -21,7 +21,7 @@ from flax import nnx
 from jlora.adapters import Adapter
 from jlora.loader import Model
 from training import checkpoint
-from training.data import Example, batches
+from training.data import Example, batches, pack
 from training.forward import masked_loss, train_logits
 from training.modules import AdapterSpec, Adapters, to_adapter
 
@@ -41,12 +41,15 @@ class TrainConfig:
     seed: int = 0
     checkpoint_dir: str | None = None   # resume from its newest checkpoint, save into it
     checkpoint_every: int = 100
+    pack: bool = False               # several examples per row (batch_size counts rows)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "accumulate", "seq_len", "eval_every",
                      "checkpoint_every"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be an integer >= 1")
+        if not isinstance(self.pack, bool):
+            raise ValueError(f"pack={self.pack!r} must be True or False")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr!r} must be > 0")
 
@@ -71,9 +74,13 @@ def optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 
 @nnx.jit
-def train_step(adapters: Adapters, opt: nnx.Optimizer, base_params, tokens, mask, key):
+def train_step(adapters: Adapters, opt: nnx.Optimizer, base_params, batch, key):
+    tokens, mask, segments, positions = batch
+
     def loss_fn(ad):
-        return masked_loss(train_logits(base_params, ad.cfg, ad, tokens, key), tokens, mask)
+        logits = train_logits(base_params, ad.cfg, ad, tokens, key, segments=segments,
+                              positions=positions)
+        return masked_loss(logits, tokens, mask, segments)
 
     loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(adapters)
     opt.update(adapters, grads)
@@ -93,7 +100,7 @@ def eval_step(adapters: Adapters, base_params, tokens, mask):
 def evaluate(adapters: Adapters, base_params, examples: list[Example], config: TrainConfig,
              pad_id: int) -> dict:
     losses, hits = [], 0
-    for tokens, mask in batches(examples, config.batch_size, config.seq_len, pad_id):
+    for tokens, mask, _, _ in batches(examples, config.batch_size, config.seq_len, pad_id):
         loss, n = eval_step(adapters, base_params, tokens, mask)
         losses.append(float(loss) * mask[:, 1:].sum())
         hits += int(n)
@@ -105,7 +112,8 @@ def finetune(model: Model, train: list[Example], held_out: list[Example],
              config: TrainConfig = TrainConfig(), name: str = "adapter",
              progress: bool = True) -> Result:
     """Train an adapter of `config.spec` on `train`; evaluate on `held_out` every eval_every
-    updates and at the end. The base params are read, never written."""
+    updates and at the end, one example per row (packing, `config.pack`, applies to the
+    training batches only). The base params are read, never written."""
     if not train:
         raise ValueError("no training examples")
     if model.config.tp != 1:
@@ -116,6 +124,7 @@ def finetune(model: Model, train: list[Example], held_out: list[Example],
         print(f"warning: {cut} of {len(train) + len(held_out)} examples are longer than "
               f"seq_len={config.seq_len} and are cut; the longest has "
               f"{max(len(e.tokens) for e in (*train, *held_out))} tokens", file=sys.stderr)
+    rows = pack(train, config.seq_len) if config.pack else train
     adapters = Adapters(model.config, config.spec, model.params, nnx.Rngs(config.seed))
     opt = nnx.Optimizer(adapters, optimizer(config), wrt=nnx.LoRAParam)
     pad_id = 0
@@ -125,11 +134,11 @@ def finetune(model: Model, train: list[Example], held_out: list[Example],
     start, tokens_seen = time.perf_counter(), 0
     for step in range(done + 1, config.steps + 1):
         for micro in range(config.accumulate):
-            tokens, mask = batch_at(train, config, step, micro, pad_id)
+            batch = batch_at(rows, config, step, micro, pad_id)
             key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), step),
                                      micro)
-            loss = train_step(adapters, opt, model.params, tokens, mask, key)
-            tokens_seen += int(mask.sum())
+            loss = train_step(adapters, opt, model.params, batch, key)
+            tokens_seen += int(batch[1].sum())
         result.losses.append(float(loss))
         if held_out and (step % config.eval_every == 0 or step == config.steps):
             result.evals.append({"step": step, **evaluate(adapters, model.params, held_out,
@@ -149,8 +158,9 @@ def finetune(model: Model, train: list[Example], held_out: list[Example],
 
 def batch_at(examples: list[Example], config: TrainConfig, step: int, micro: int,
              pad_id: int = 0):
-    """The micro-batch of update `step` (from 1): a function of (seed, step), so a resumed
-    run sees exactly the batches an uninterrupted one would. Each epoch is a fresh shuffle."""
+    """The micro-batch (tokens, mask, segments, positions) of update `step` (from 1) over
+    examples or packed rows: a function of (seed, step), so a resumed run sees exactly the
+    batches an uninterrupted one would. Each epoch is a fresh shuffle."""
     B, n = config.batch_size, len(examples)
     i = (step - 1) * config.accumulate + micro
     per_epoch = max(1, n // B)

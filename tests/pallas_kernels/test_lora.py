@@ -285,3 +285,24 @@ def test_inside_shard_map_over_tokens():
         out_specs=P("tokens"), check_vma=False))   # check_vma off: interpret-mode pallas_call
     ref = lora_apply(x, jnp.array(y), weights, LoraBatch(token_slots=slots), impl="xla")
     assert rel_err(sharded(x, y, slots, weights), ref) < 1e-5
+
+
+@pytest.mark.parametrize("form", ["tokens", "segments"])
+def test_xla_path_holds_no_per_token_adapter_rows(form):
+    """The XLA path once gathered each token's adapter rows ([T, R, D] and [T, R, N] per
+    module): a long prefill with adapters asked the CPU for hundreds of GB. Its scratch
+    memory must stay within a few times its inputs and outputs, whatever T * R."""
+    rng = np.random.default_rng(18)
+    dim, widths, T = 576, (576, 192, 192), 4096                  # SmolLM2's q/k/v group
+    weights = random_weights(rng, [[0, 0, 0], [16, 8, 16], [64, 64, 64]], widths, dim)
+    x, y = inputs(rng, T, jnp.float32, widths, dim)
+    slots = np.sort(rng.integers(0, 3, T))
+    batch = LoraBatch(token_slots=jnp.asarray(slots, jnp.int32)) if form == "tokens" \
+        else segments_of(list(slots))
+    fn = jax.jit(lambda x, y, w, b: lora_apply(x, y, w, b, impl="xla"))
+    temp = fn.lower(x, y, weights, batch).compile().memory_analysis().temp_size_in_bytes
+    io = 4 * T * (dim + sum(widths) + len(widths) * 64)           # x, y and v, float32
+    assert temp < 2 * io < 4 * T * 64 * dim                        # the old gather of A alone
+    small = slice(0, 64)                                          # and it computes the same
+    sub = LoraBatch(token_slots=jnp.asarray(slots[small], jnp.int32))
+    check(x[small], y[small], weights, sub, jnp.float32, SMALL)

@@ -21,8 +21,8 @@ def test_train_writes_an_adapter_that_generate_serves(tmp_path, capsys):
     data = write_task(tmp_path / "add.jsonl")
     out = tmp_path / "add"
     assert main(["train", "--data", str(data), "--out", str(out), "--variant", "dora",
-                 "--rank", "4", "--steps", "2", "--batch-size", "4", "--seq-len", "48",
-                 "--eval-every", "2"]) == 0
+                 "--rank", "4", "--steps", "2", "--batch-size", "2", "--seq-len", "96",
+                 "--eval-every", "2", "--pack"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["train_examples"] + report["held_out"] == 24 and report["evals"]
     assert {p.name for p in out.iterdir()} >= {"adapter.json", "adapter.safetensors",
