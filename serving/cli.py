@@ -50,11 +50,15 @@ def add_parsers(sub) -> None:
                    help='JSON {"KEY": {"tenant": ..., "role": "admin|user"}, ...}')
     p.add_argument("--tls-cert", default=None, help="TLS certificate chain (PEM)")
     p.add_argument("--tls-key", default=None, help="TLS private key (PEM)")
-    p.add_argument("--max-loras", type=int, default=None, help="adapter slots on the device")
-    p.add_argument("--max-lora-rank", type=int, default=None, help="largest rank served")
-    p.add_argument("--max-seqs", type=int, default=64, help="sequences decoded at once")
+    p.add_argument("--max-loras", type=int, default=8,
+                   help="adapter slots on the device (default 8; more may be loaded, and "
+                        "wait their turn on the host; 0: the base model only)")
+    p.add_argument("--max-lora-rank", type=int, default=64, help="largest rank served")
+    p.add_argument("--max-seqs", type=int, default=None,
+                   help="sequences decoded at once (default: 64 on a GPU, 16 on the CPU)")
     p.add_argument("--max-seq-len", type=int, default=0, help="context (0: the model's)")
-    p.add_argument("--prefill-budget", type=int, default=256, help="prefill tokens per step")
+    p.add_argument("--prefill-budget", type=int, default=None,
+                   help="prefill tokens per step (default: 256 on a GPU, 128 on the CPU)")
     p.add_argument("--kv-memory-gb", type=float, default=0.0,
                    help="KV-cache memory (0: 90%% of the free device memory)")
     p.add_argument("--max-queue", type=int, default=1024, help="waiting requests at most")
@@ -92,7 +96,7 @@ def cmd_serve(args) -> int:
                             args.tls_key)
     pairs = adapter_pairs(args.adapter)
     asyncio.run(serve(options, keys, lambda: build_engine(args, pairs),
-                      on_ready=lambda line: print(line, file=sys.stderr, flush=True)))
+                      log=lambda line: print(line, file=sys.stderr, flush=True)))
     return 0
 
 
@@ -110,13 +114,17 @@ def build_engine(args, pairs):
     """Load the model, compile the engine, load the adapters: (engine, model name)."""
     from jlora.loader import load_model
     from serving.engine import Engine, EngineConfig
+    import jax
     model = load_model(args.model, args.dtype)
-    sizes = {k: v for k, v in (("max_loras", args.max_loras),
-                               ("max_lora_rank", args.max_lora_rank)) if v is not None}
+    cpu = jax.default_backend() == "cpu"
+    max_seqs = args.max_seqs or (16 if cpu else 64)
+    budget = args.prefill_budget or (128 if cpu else 256)
+    # On the CPU each compiled step shape costs seconds at start-up: keep to one per phase.
+    buckets = dict(decode_buckets=(0, max_seqs), prefill_buckets=(0, budget)) if cpu else {}
     engine = Engine(model, EngineConfig(
-        max_seqs=args.max_seqs, max_seq_len=args.max_seq_len,
-        prefill_budget=args.prefill_budget, kv_memory_gb=args.kv_memory_gb,
-        max_queue=args.max_queue, **sizes))
+        max_seqs=max_seqs, max_seq_len=args.max_seq_len, prefill_budget=budget,
+        kv_memory_gb=args.kv_memory_gb, max_queue=args.max_queue, max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank, **buckets))
     for name, path in pairs:
         engine.adapters.load(name, path)
     return engine, args.model

@@ -16,6 +16,7 @@ UNAVAILABLE, lets running ones finish within a bound, then stops. No model logic
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import threading
 import time
@@ -170,6 +171,14 @@ class JloraServer(pb_grpc.JloraServicer):
         """Refuse another tenant's private adapter (PERMISSION_DENIED)."""
         auth.check_adapter(identity, identity.tenant, name, self.owners.get(name, ""))
 
+    def _adapters(self):
+        """The engine's adapter store; FAILED_PRECONDITION when it has no adapter slots."""
+        if self.engine.adapters is None:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          "this server serves the base model only: start it with "
+                          "--max-loras N (N > 0) to load adapters")
+        return self.engine.adapters
+
     # ---------------------------------------------------------------- Generate, Abort
     async def Generate(self, request: pb.GenerateRequest, context):
         try:
@@ -234,12 +243,12 @@ class JloraServer(pb_grpc.JloraServicer):
             auth.require_admin(self._caller(context), "LoadAdapter")
             if not request.path:
                 raise ValueError("path is empty: give the adapter's directory on the server")
-            present = {a.name for a in self.engine.adapters.list()}
-            if request.name in present and not request.replace:
+            store = self._adapters()
+            if request.name in store and not request.replace:
                 raise Refused(grpc.StatusCode.ALREADY_EXISTS,
                               f"adapter {request.name!r} is already loaded; set replace to "
                               "load the new version")
-            info = await asyncio.to_thread(self.engine.adapters.load, request.name,
+            info = await asyncio.to_thread(store.load, request.name,
                                            request.path, pin=request.pin,
                                            replace=request.replace)
         except _REFUSALS as e:
@@ -253,7 +262,7 @@ class JloraServer(pb_grpc.JloraServicer):
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context):
         try:
             auth.require_admin(self._caller(context), "UnloadAdapter")
-            self.engine.adapters.unload(request.name)
+            self._adapters().unload(request.name)
         except _REFUSALS as e:
             await context.abort(status_of(e), str(e))
         self.owners.pop(request.name, None)
@@ -264,13 +273,17 @@ class JloraServer(pb_grpc.JloraServicer):
             identity = self._caller(context)
         except _REFUSALS as e:
             await context.abort(status_of(e), str(e))
-        infos = [a for a in self.engine.adapters.list()
+        store = self.engine.adapters
+        infos = [a for a in (store.list() if store is not None else ())
                  if auth.may_use(identity, identity.tenant, self.owners.get(a.name, ""))]
         return pb.ListAdaptersResponse(adapters=[self._adapter_pb(a) for a in infos])
 
     async def GetAdapter(self, request: pb.GetAdapterRequest, context) -> pb.AdapterInfo:
         try:
             identity = self._caller(context)
+            if self.engine.adapters is None:
+                raise UnknownAdapter(f"adapter {request.name!r} is not loaded: this server "
+                                     "serves the base model only")
             info = self.engine.adapters.info(request.name)
             self._visible(identity, request.name)
         except _REFUSALS as e:
@@ -345,7 +358,7 @@ def _version() -> str:
 
 # -------------------------------------------------------------------- running it
 async def serve(options: ServerOptions, keys: KeyRing,
-                build: Callable[[], tuple[Engine, str]], on_ready=print) -> None:
+                build: Callable[[], tuple[Engine, str]], log=print) -> None:
     """Listen at once (NOT_SERVING), build and start the engine off the event loop, serve
     until SIGTERM or SIGINT, then drain and stop the engine."""
     server = JloraServer(options, keys)
@@ -354,15 +367,22 @@ async def serve(options: ServerOptions, keys: KeyRing,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     port = await server.start()
-    engine, model_name = await asyncio.to_thread(build)
+    log(f"jlora: listening on {options.host}:{port}, warming up")
+    try:
+        engine, model_name = await asyncio.to_thread(build)
+    except BaseException:
+        await server._server.stop(None)
+        raise
     engine.start()
     await server.attach(engine, model_name)
-    on_ready(f"jlora: serving {model_name} on {options.host}:{port}"
-             + (f", metrics on :{options.metrics_port}/metrics" if options.metrics_port
-                is not None else ""))
+    log(f"jlora: serving {model_name} on {options.host}:{port} (pid {os.getpid()})"
+        + (f", metrics on http://{options.host}:{options.metrics_port}/metrics"
+           if options.metrics_port is not None else ""))
     await stop.wait()
+    log(f"jlora: draining ({len(server._running)} requests running or waiting)")
     await server.drain()
-    engine.stop()
+    engine.close()
+    log("jlora: stopped")
 
 
 class ServerThread:
