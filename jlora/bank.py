@@ -11,7 +11,9 @@ rank 8. Slot 0 is the base model (rank 0 everywhere). DoRA's g = m / ||W + s BA|
 computed once, at load, against the base weights.
 
 The bank holds device arrays and the name -> slot map; which adapters to keep resident is
-the caller's policy (issue 7). It does not read files.
+the caller's policy (serving/adapter_cache.py). `load` is one call; the serving engine splits
+it in two, `slot_data` (host work and the host-to-device copy, on its loader thread) and
+`put` (the in-place write, on its step thread). It does not read files.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from jlora.model import fused_index
 from pallas_kernels.lora import POOL_SLACK_ROWS, LoraWeights, v_width
 
 FEATURES = ("tied", "dora")   # optional per-slot vectors: u, w (Tied-LoRA) and g (DoRA)
+EMPTY = Adapter(name="", variant="lora", modules={})   # what an unused slot holds
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -117,6 +120,14 @@ class AdapterBank:
 
         params are the base model's (DoRA's scale is computed against them).
         """
+        if adapter.name in self.slots and slot is None:
+            slot = self.slots[adapter.name]
+        slot = self.free_slot() if slot is None else slot
+        self.put(adapter, slot, self.slot_data(adapter, params, slot))
+        return slot
+
+    def check(self, adapter: Adapter) -> None:
+        """Refuse an adapter this bank cannot hold (errors name the adapter and the limit)."""
         adapter.validate(self.cfg, self.max_rank)
         if adapter.variant == "tied" and "tied" not in self.features:
             raise ValueError(f"adapter {adapter.name!r} is Tied-LoRA but this bank was made "
@@ -124,29 +135,28 @@ class AdapterBank:
         if adapter.variant == "dora" and "dora" not in self.features:
             raise ValueError(f"adapter {adapter.name!r} is DoRA but this bank was made without "
                              f"the 'dora' feature ({self.features})")
-        if adapter.name in self.slots and slot is None:
-            slot = self.slots[adapter.name]
-        slot = self.free_slot() if slot is None else slot
+
+    def put(self, adapter: Adapter, slot: int, data: dict) -> None:
+        """Write `slot_data(adapter, params, slot)` into the slot, in place (asynchronously:
+        steps dispatched before read the old contents, steps after the new)."""
         if not 1 <= slot < self.n_slots:
             raise ValueError(f"slot {slot} is outside 1..{self.n_slots - 1}")
-        data = self._slot_data(adapter, params, slot)
         self.arrays = _write_slot(self.arrays, jnp.int32(slot), data)
         old = self.adapters.pop(slot, None)
-        if old is not None:
-            self.slots.pop(old.name, None)
-        self.slots[adapter.name], self.adapters[slot] = slot, adapter
-        return slot
+        if old is not None and self.slots.get(old.name) == slot:
+            del self.slots[old.name]
+        if adapter.name:
+            self.slots[adapter.name], self.adapters[slot] = slot, adapter
 
     def unload(self, name: str) -> None:
         """Free a slot (its rank drops to 0, so nothing reads its rows)."""
         slot = self.slot_of(name)
-        empty = Adapter(name="", variant="lora", modules={})
-        self.arrays = _write_slot(self.arrays, jnp.int32(slot),
-                                  self._slot_data(empty, None, slot))
-        del self.slots[name], self.adapters[slot]
+        self.put(EMPTY, slot, self.slot_data(EMPTY, None, slot))
 
-    def _slot_data(self, adapter: Adapter, params, slot: int) -> dict:
-        """Host arrays for slot `slot`: its pool row ranges and its table column."""
+    def slot_data(self, adapter: Adapter, params, slot: int) -> dict:
+        """Device arrays for slot `slot`: its pool row ranges and its table column (built on
+        the host, then copied; the step's arrays are not touched)."""
+        self.check(adapter)
         cfg, L, R = self.cfg, self.cfg.n_layers, self.max_rank
         shapes = target_shapes(cfg)
         tied = adapter.variant == "tied"
@@ -213,6 +223,14 @@ def _write_slot(arrays: BankArrays, slot: jax.Array, data: dict) -> BankArrays:
             new[group] = n
         tables.append(new)
     return BankArrays(pools=pools, tables=tables, max_rank=arrays.max_rank)
+
+
+def slot_bytes(cfg: ModelConfig, max_rank: int, dtype) -> int:
+    """Device bytes of one adapter slot's pool rows (its tables are a few KB more)."""
+    shapes, L, R = target_shapes(cfg), cfg.n_layers, max_rank
+    rows = sum(L * len(ts) * R * shapes[ts[0]][0] + L * R * sum(shapes[t][1] for t in ts)
+               for ts in GROUPS.values())
+    return rows * jnp.dtype(dtype).itemsize
 
 
 def base_weight(params: dict, cfg: ModelConfig, layer: int, target: str) -> jax.Array:

@@ -8,6 +8,10 @@ reads each sequence's last token from a device array that the previous step wrot
 device always has the next step queued while Python works on the last one.
 
 Programs are compiled for every (decode, prefill) bucket at start-up; serving never compiles.
+Adapters (`engine.adapters`, serving/adapter_store.py) are registered by name, many more than
+the bank has GPU slots; a loader thread brings them to a slot when a request needs one, and
+each step only dispatches the finished loads' in-place writes. Admission order is the
+fairness policy's (VTC per tenant, or FCFS).
 The engine knows nothing about gRPC; requests arrive through `submit` from any thread.
 """
 
@@ -26,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from jlora.bank import AdapterBank, slot_bytes
 from jlora.config import ModelConfig
 from jlora.generate import Prompt, encode_prompt
 from jlora.loader import Model
@@ -36,6 +41,9 @@ from jlora.tokenizer import IncrementalDecoder
 from pallas_kernels import default_impl
 from pallas_kernels.lora import LoraBatch
 from serving import sharding
+from serving.adapter_cache import AdapterCache, UnknownAdapter
+from serving.adapter_store import AdapterStore
+from serving.fairness import FairShare
 from serving.kv_cache import PageAllocator
 from serving.metrics import EngineMetrics
 from serving.request import Request, RequestOutput, RequestStream, Status
@@ -63,6 +71,15 @@ class EngineConfig:
     prefill_buckets: tuple[int, ...] = ()  # (): 0, Q, 4Q, 16Q, ... and the budget
     impl: str | None = None       # "pallas" or "xla"; None: Pallas on a GPU
     tp: int = 1                   # devices the model is split over (serving/sharding.py)
+    # Adapters: GPU slots in the bank (0: the bank the model was given by load_adapter, if
+    # any, else as many as lora_memory_gb holds, else none: base model only), host tier
+    max_loras: int = 0
+    max_lora_rank: int = 64
+    lora_memory_gb: float = 0.0
+    host_lora_gb: float = 8.0     # host memory for adapters off the GPU (LRU by bytes)
+    adapter_dir: str = ""         # register every adapter directory in it at start-up
+    policy: str = "vtc"           # admission order: "vtc" (fair per tenant) or "fcfs"
+    tenant_weights: tuple[tuple[str, float], ...] = ()   # VTC weights, default 1
 
     def scheduler_config(self, max_seq_len: int) -> SchedulerConfig:
         def pow2s(lo, hi):  # lo, 4 lo, 16 lo, ... below hi: padding rows cost little on a
@@ -231,16 +248,26 @@ class Engine:
                  devices=None):
         self.model, self.config, self.clock = model, config, clock
         self.mesh = sharding.make_mesh(config.tp, devices) if config.tp > 1 else None
+        self.bank = self._make_bank()
         if self.mesh is not None:
             self._shard_model()
         cfg = model.config
         self.impl = config.impl or default_impl()
         max_len = min(config.max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
         self.sched_config = config.scheduler_config(max_len)
-        num_pages = config.num_pages or self._default_pages(max_len)
+        num_pages = config.num_pages or self._default_pages(max_len)   # after the bank
         self.pages = PageAllocator(num_pages, config.page_size)
-        self.scheduler = Scheduler(self.sched_config, self.pages)
-        self.metrics = EngineMetrics()
+        self.adapters, cache = None, None
+        if self.bank is not None:
+            cache = AdapterCache(self.bank.n_slots - 1, int(config.host_lora_gb * 1e9))
+            self.adapters = AdapterStore(self.bank, model.params, cache)
+            if model.bank is not None:
+                self.adapters.adopt(model.bank)
+            if config.adapter_dir:
+                self.adapters.scan(config.adapter_dir)
+        self.scheduler = Scheduler(self.sched_config, self.pages, cache,
+                                   FairShare(config.policy, dict(config.tenant_weights)))
+        self.metrics = EngineMetrics(extra=self._adapter_metrics)
         self.kv = init_pages(cfg, num_pages, config.page_size, model.dtype)
         self.last_tokens = jnp.zeros(config.max_seqs, jnp.int32)
         if self.mesh is not None:
@@ -254,6 +281,32 @@ class Engine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stop = False
+        if self.adapters is not None:
+            self.adapters.start()
+
+    def _make_bank(self) -> AdapterBank | None:
+        """The adapter bank: made here with max_loras slots (or as many as lora_memory_gb
+        holds), or the model's own; None serves the base model only."""
+        c, m = self.config, self.model
+        n = c.max_loras
+        if c.lora_memory_gb:
+            if n:
+                raise ValueError(f"give max_loras={n} or lora_memory_gb={c.lora_memory_gb}, "
+                                 "not both")
+            each = slot_bytes(m.config, c.max_lora_rank, m.dtype)
+            n = int(c.lora_memory_gb * 1e9 // each)
+            if n < 1:
+                raise ValueError(f"lora_memory_gb={c.lora_memory_gb} holds no adapter slot of "
+                                 f"rank {c.max_lora_rank} ({each} bytes each)")
+        if n < 0:
+            raise ValueError(f"max_loras={n} must be >= 0")
+        return AdapterBank(m.config, n + 1, c.max_lora_rank, m.dtype) if n else m.bank
+
+    def close(self) -> None:
+        """Stop the background loop and the adapter loader thread."""
+        self.stop()
+        if self.adapters is not None:
+            self.adapters.stop()
 
     def _default_pages(self, max_len: int) -> int:
         cfg, c = self.model.config, self.config
@@ -272,15 +325,17 @@ class Engine:
         m, mesh = self.model, self.mesh
         params, m.config = sharding.relayout(m.params, m.config, self.config.tp)
         m.params = sharding.put(params, sharding.param_specs(params), mesh)
-        if m.bank is not None:
-            m.bank.cfg = m.config
-            m.bank.arrays = sharding.put(m.bank.arrays, sharding.bank_specs(m.bank.arrays), mesh)
+        for bank in {id(b): b for b in (m.bank, self.bank) if b is not None}.values():
+            bank.cfg = m.config
+            bank.arrays = sharding.put(bank.arrays, sharding.bank_specs(bank.arrays), mesh)
 
     # ---------------------------------------------------------------- compilation
     def _compile(self) -> dict:
         """One executable per (decode, prefill) bucket pair and sampler mode, compiled now."""
         sc, cfg = self.sched_config, self.model.config
-        bank = self.model.bank.arrays if self.model.bank is not None else None
+        if self.adapters is not None:
+            self.adapters.warm_up()
+        bank = self._bank_arrays()
         programs = {}
         for Bd in sc.decode_buckets:
             for Np in sc.prefill_buckets:
@@ -296,10 +351,13 @@ class Engine:
 
     # ---------------------------------------------------------------- requests
     def submit(self, prompt: Prompt, params: SamplingParams = SamplingParams(), *,
-               adapter: str | None = None, request_id: str | None = None,
-               timeout: float | None = None, chat: bool = True) -> RequestStream:
+               adapter: str | None = None, tenant: str | None = None,
+               request_id: str | None = None, timeout: float | None = None,
+               chat: bool = True) -> RequestStream:
         """Queue a request; returns its stream. Raises ValueError for bad input (naming the
-        value) and QueueFull when max_queue requests are waiting."""
+        value), UnknownAdapter (a ValueError) for an adapter not registered, and QueueFull
+        when max_queue requests are waiting. `tenant` (default: the adapter's name, "" for
+        the base model) is whom the fairness policy and the metrics count it for."""
         model, limit = self.model, self.sched_config.max_seq_len
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -311,9 +369,12 @@ class Engine:
                              f"exceeds the context of {limit} tokens")
         if params.stop and model.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
-        if adapter and model.bank is None:
-            raise ValueError(f"adapter {adapter!r} is not loaded; no adapters are loaded")
-        slot = model.bank.slot_of(adapter) if model.bank is not None else 0
+        if adapter and self.adapters is None:
+            raise UnknownAdapter(f"adapter {adapter!r} is not loaded; this engine serves the "
+                                 "base model only (max_loras=0)")
+        tenant = (adapter or "") if tenant is None else tenant
+        if not isinstance(tenant, str) or len(tenant) > 200:
+            raise ValueError(f"tenant {tenant!r} must be a string of at most 200 characters")
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout={timeout!r} must be a number of seconds > 0")
         with self._lock:
@@ -322,9 +383,10 @@ class Engine:
                 raise ValueError(f"request id {request_id!r} is already in use")
             if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_queue:
                 raise QueueFull(f"{self.config.max_queue} requests are already waiting")
+            entry = self.adapters.cache.bind(adapter) if adapter else None
             now = self.clock()
-            r = Request(request_id, ids, params, seed_key(params.seed), slot=slot,
-                        adapter=adapter or None, arrival=now,
+            r = Request(request_id, ids, params, seed_key(params.seed), lora=entry,
+                        tenant=tenant, adapter=adapter or None, arrival=now,
                         deadline=None if timeout is None else now + timeout,
                         stream=RequestStream(request_id))
             r.decoder = IncrementalDecoder(model.tokenizer) if model.tokenizer else None
@@ -348,9 +410,13 @@ class Engine:
         """Plan and dispatch one step, then read back the previous one. Returns whether
         any work is left (queued, running or in flight)."""
         t0 = time.perf_counter()
+        if self.adapters is not None:
+            self._commit_adapters()
         with self._lock:
             for r in self._inbox:
                 self.scheduler.add(r)
+                if r.lora is not None:   # prefetch: start its load now if a slot is idle
+                    self.adapters.cache.want(r.lora, evict_wanted=False)
             self._inbox.clear()
         self._expire()
         plan = self.scheduler.schedule()
@@ -373,8 +439,30 @@ class Engine:
         while self.step():
             pass
 
+    def _bank_arrays(self):
+        return self.bank.arrays if self.bank is not None else None
+
+    def _commit_adapters(self) -> None:
+        """Dispatch the finished adapter loads' slot writes; a failed load ends the requests
+        waiting for it (running ones never wait for a load)."""
+        holders = {r.slot: r.lora for r in self.scheduler.running if r.lora is not None}
+        before = {e.slot: e for e in self.adapters.cache.slots.values() if not e.on_gpu}
+        failed = self.adapters.commit()
+        for slot, entry in before.items():   # a slot being written is no running request's
+            assert holders.get(slot, entry) is entry, f"slot {slot} overwritten while in use"
+        if before and self.mesh is not None:   # keep the layout the programs were built for
+            self.bank.arrays = sharding.put(self.bank.arrays,
+                                            sharding.bank_specs(self.bank.arrays), self.mesh)
+        for entry, error in failed:
+            for r in [r for r in self.scheduler.waiting if r.lora is entry]:
+                self._finish(r, "error", error=error)
+
+    def set_tenant_weight(self, tenant: str, weight: float) -> None:
+        """The tenant's VTC weight (default 1): its share of service is proportional to it."""
+        self.scheduler.fair.set_weight(tenant, weight)
+
     def _dispatch(self, plan: Plan, batch: StepBatch, samples: list):
-        bank = self.model.bank.arrays if self.model.bank is not None else None
+        bank = self._bank_arrays()
         greedy = all(r is None or r.params.temperature == 0 for r in samples)
         program = self.programs[plan.decode_bucket, plan.prefill_bucket,
                                 "greedy" if greedy else "sample"]
@@ -408,13 +496,16 @@ class Engine:
         m, ids, lps, reason = self.metrics, [], [], None
         for token, logprob in items:
             with m.lock:
+                tenant = m.tenant(r.tenant)
                 if r.first_token_time is None:
                     r.first_token_time = now
                     m.ttft.append(now - r.arrival)
                     m.prompt_tokens += len(r.prompt_ids)
+                    tenant["prompt_tokens"] += len(r.prompt_ids)
                 else:
                     m.itl.append(now - r.last_token_time)
                 m.generation_tokens += 1
+                tenant["generation_tokens"] += 1
             r.last_token_time = now
             r.generated.append(token)
             r.logprobs.append(logprob)
@@ -464,6 +555,7 @@ class Engine:
         with self.metrics.lock:
             self.metrics.finished[reason] += 1
             self.metrics.e2e.append(now - r.arrival)
+            self.metrics.tenant(r.tenant)["requests"] += 1
         with self._lock:
             self._requests.pop(r.request_id, None)
         timings = dict(arrival=r.arrival, first_token=r.first_token_time, finished=now,
@@ -479,6 +571,23 @@ class Engine:
                 self._finish(r, "cancelled")
             elif r.deadline is not None and now >= r.deadline:
                 self._finish(r, "deadline")
+
+    def _adapter_metrics(self) -> dict:
+        """Adapter residency and LoRA request gauges, for `metrics.snapshot()` (any thread)."""
+        running, waiting = list(self.scheduler.running), list(self.scheduler.waiting)
+        out = dict(max_loras=self.bank.n_slots - 1 if self.bank is not None else 0,
+                   running_adapters=sorted({r.adapter for r in running if r.adapter}),
+                   waiting_adapters=sorted({r.adapter for r in waiting if r.adapter}),
+                   adapters={})
+        if self.adapters is not None:
+            cache = self.adapters.cache
+            with cache.lock:
+                out["adapters"] = {e.name: dict(residency=e.residency, loads=e.loads,
+                                                hits=e.hits, misses=e.misses,
+                                                load_seconds=list(e.load_seconds))
+                                   for e in cache.entries.values()}
+                out.update(adapter_evictions=cache.evictions, host_lora_bytes=cache.host_used)
+        return out
 
     def _update_gauges(self, plan: Plan) -> None:
         with self.metrics.lock:

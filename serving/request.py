@@ -50,8 +50,11 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     key: np.ndarray                    # PRNG key data from the seed; token n uses fold_in(n)
-    slot: int = 0                      # adapter slot in the bank (0: base model)
-    adapter: str | None = None
+    slot: int = 0                      # adapter slot in the bank (0: base model), set
+    adapter: str | None = None         # at each admission
+    lora: object = None                # its serving.adapter_cache.Entry (None: base model)
+    tenant: str = ""                   # whose service it counts as (fairness, metrics)
+    charged: bool = False              # its prompt was charged to the tenant
     deadline: float | None = None      # engine clock time after which it stops
     arrival: float = 0.0
     status: Status = Status.WAITING

@@ -1,0 +1,298 @@
+"""Where each adapter lives, GPU slot, host memory or disk, and who uses it (host only).
+
+Tiers, coldest first:
+  disk     registered with a directory; nothing in memory;
+  host     its `Adapter` (numpy arrays) is in host memory: LRU by bytes within `host_bytes`
+           (one registered from memory, with no directory, can never leave this tier);
+  loading  a GPU slot is reserved and the engine's loader thread is filling it;
+  gpu      written into a slot of the bank: requests using it can run.
+
+Every entry counts `users`, the running requests that hold its slot (an entry with users is
+never evicted), and `bound`, the unfinished requests that named it at submit: replacing or
+unloading a name retires the old entry, which lives on until its requests finish.
+
+`want(entry)` reserves a slot (a free one, else the least recently used idle one) and queues
+the entry for the loader. When every slot is held by running requests it drains one: no new
+request is admitted to it, so its slot frees up as its running requests finish, and the
+adapter waiting for a slot gets it within one request lifetime.
+
+This module decides; it neither reads files nor touches a device (serving/adapter_store.py
+does both). No jax here. All methods are thread-safe.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class UnknownAdapter(ValueError):
+    """No adapter of that name is registered."""
+
+
+@dataclass(eq=False)
+class Entry:
+    name: str
+    version: int
+    path: Path | None           # where to (re)read it; None: registered from memory
+    variant: str
+    rank: int
+    targets: tuple[str, ...]
+    nbytes: int                 # host bytes of its arrays
+    adapter: object = None      # host copy (jlora.adapters.Adapter), or None (on disk only)
+    slot: int | None = None
+    on_gpu: bool = False        # slot written (False with a slot: loading)
+    pinned: bool = False
+    registered: bool = True     # False once replaced or unloaded (retired)
+    users: int = 0
+    bound: int = 0
+    draining: bool = False
+    last_used: int = 0
+    host_used: int = 0
+    loads: int = 0
+    hits: int = 0
+    misses: int = 0
+    load_seconds: list = field(default_factory=list)
+    error: str | None = None    # the last load's failure
+
+    @property
+    def residency(self) -> str:
+        if self.slot is not None:
+            return "gpu" if self.on_gpu else "loading"
+        return "host" if self.adapter is not None else "disk"
+
+
+class AdapterCache:
+    """Slots 1..n_slots of the bank, a host tier of `host_bytes`, and the registry."""
+
+    def __init__(self, n_slots: int, host_bytes: int):
+        if n_slots < 1:
+            raise ValueError(f"n_slots={n_slots} must be >= 1")
+        self.n_slots, self.host_bytes = n_slots, host_bytes
+        self.entries: dict[str, Entry] = {}     # the current version of each name
+        self.slots: dict[int, Entry] = {}       # slot -> entry holding it (loading or gpu)
+        self.retired: list[Entry] = []          # replaced/unloaded, still bound
+        self.jobs: deque[Entry] = deque()       # slots reserved, waiting for the loader
+        self.evictions = 0
+        self.lock = threading.Condition(threading.RLock())
+        self._tick = 0
+        self._drain_wanted = False
+
+    # ------------------------------------------------------------------ registry
+    def register(self, entry: Entry, replace: bool = False) -> None:
+        with self.lock:
+            old = self.entries.get(entry.name)
+            if old is not None and not replace:
+                raise ValueError(f"adapter {entry.name!r} is already loaded (from "
+                                 f"{old.path or 'memory'}); pass replace=True to replace it")
+            pins = sum(e.pinned for e in self.entries.values() if e is not old)
+            if entry.pinned and pins + 1 > max(1, self.n_slots - 1):
+                raise ValueError(f"cannot pin {entry.name!r}: {pins} of the {self.n_slots} "
+                                 "adapter slots are pinned already, and one must stay free "
+                                 "for the others")
+            if entry.path is None and entry.adapter is not None:
+                pinned_bytes = sum(e.nbytes for e in self._host_entries() if e.path is None)
+                if pinned_bytes + entry.nbytes > self.host_bytes:
+                    raise ValueError(
+                        f"adapter {entry.name!r} ({entry.nbytes} bytes) does not fit the host "
+                        f"adapter budget of {self.host_bytes} bytes, {pinned_bytes} of which "
+                        "hold adapters registered from memory; register it from a directory "
+                        "or raise the budget (host_lora_gb)")
+            if old is not None:
+                entry.version = old.version + 1
+                self._retire(old)
+            self.entries[entry.name] = entry
+            if entry.adapter is not None:
+                self._keep(entry, entry.adapter)
+
+    def unregister(self, name: str) -> Entry:
+        with self.lock:
+            entry = self.get(name)
+            del self.entries[name]
+            self._retire(entry)
+            return entry
+
+    def get(self, name: str) -> Entry:
+        with self.lock:
+            entry = self.entries.get(name)
+            if entry is None:
+                known = sorted(self.entries)
+                shown = known[:10] + (["..."] if len(known) > 10 else [])
+                raise UnknownAdapter(f"adapter {name!r} is not loaded; loaded: "
+                                     f"{shown or 'none'}")
+            return entry
+
+    def _retire(self, entry: Entry) -> None:
+        entry.registered, entry.pinned = False, False
+        self.retired.append(entry)
+        self._forget_if_unused(entry)
+
+    def _forget_if_unused(self, entry: Entry) -> None:
+        """A retired entry nobody needs gives back its slot and host memory at once."""
+        if entry.registered or entry.bound or entry.users or (entry.slot and not entry.on_gpu):
+            return
+        self._free_slot(entry)
+        entry.adapter = None
+        self.retired.remove(entry)
+
+    # ------------------------------------------------------------------ requests
+    def bind(self, name: str) -> Entry:
+        """A request naming `name` was accepted: it will use the current version."""
+        with self.lock:
+            entry = self.get(name)
+            entry.bound += 1
+            return entry
+
+    def unbind(self, entry: Entry) -> None:
+        with self.lock:
+            entry.bound -= 1
+            assert entry.bound >= 0, entry.name
+            self._forget_if_unused(entry)
+
+    def ready(self, entry: Entry) -> bool:
+        """Can a request using it be admitted now (on the GPU, not draining)?"""
+        return entry.on_gpu and entry.slot is not None and not entry.draining
+
+    def acquire(self, entry: Entry) -> int:
+        """A request using `entry` starts running: it holds the slot until `release`."""
+        with self.lock:
+            assert self.ready(entry), entry.name
+            entry.users += 1
+            entry.hits += 1
+            self._tick += 1
+            entry.last_used = self._tick
+            return entry.slot
+
+    def release(self, entry: Entry) -> None:
+        with self.lock:
+            entry.users -= 1
+            assert entry.users >= 0, entry.name
+            self._forget_if_unused(entry)
+
+    # ------------------------------------------------------------------ GPU slots
+    def begin_step(self) -> None:
+        with self.lock:
+            self._drain_wanted = False
+
+    def end_step(self) -> None:
+        """A step in which every want was met lifts the drain."""
+        with self.lock:
+            if not self._drain_wanted:
+                for e in self.slots.values():
+                    e.draining = False
+
+    def want(self, entry: Entry, evict_wanted: bool = True) -> bool:
+        """Make sure `entry` is on its way to a slot; returns whether it has one now.
+
+        Evicts the least recently used idle entry if no slot is free; with evict_wanted False
+        (prefetch) only one that no waiting request needs. With no slot to be had, drains one.
+        """
+        with self.lock:
+            if entry.slot is not None:
+                return True
+            entry.misses += 1
+            slot = self._free_slot_number()
+            if slot is None:
+                victim = self._victim(evict_wanted)
+                if victim is None:
+                    if evict_wanted:
+                        self._drain()
+                    return False
+                slot = victim.slot
+                self._free_slot(victim)
+                self.evictions += 1
+            entry.slot, entry.on_gpu, entry.error = slot, False, None
+            self.slots[slot] = entry
+            self.jobs.append(entry)
+            self.lock.notify_all()
+            return True
+
+    def place(self, entry: Entry, slot: int) -> None:
+        """`entry` is already written in `slot` (a bank filled before serving started)."""
+        with self.lock:
+            assert slot not in self.slots and entry.slot is None, (slot, entry.name)
+            entry.slot, entry.on_gpu = slot, True
+            self.slots[slot] = entry
+
+    def _free_slot_number(self) -> int | None:
+        for s in range(1, self.n_slots + 1):
+            if s not in self.slots:
+                return s
+        return None
+
+    def _victim(self, evict_wanted: bool) -> Entry | None:
+        idle = [e for e in self.slots.values()
+                if e.on_gpu and not e.users and not e.pinned
+                and (evict_wanted or e.bound == 0 or not e.registered)]
+        # retired first, then those no waiting request needs, then least recently used
+        return min(idle, key=lambda e: (e.registered, e.bound > 0, e.last_used), default=None)
+
+    def _drain(self) -> None:
+        self._drain_wanted = True
+        if any(e.draining for e in self.slots.values()):
+            return
+        busy = [e for e in self.slots.values() if e.on_gpu and not e.pinned]
+        victim = min(busy, key=lambda e: (e.users, e.last_used), default=None)
+        if victim is not None:
+            victim.draining = True
+
+    def _free_slot(self, entry: Entry) -> None:
+        assert entry.users == 0, f"evicting {entry.name!r}, which {entry.users} requests use"
+        if entry.slot is not None:
+            del self.slots[entry.slot]
+        entry.slot, entry.on_gpu, entry.draining = None, False, False
+
+    # ------------------------------------------------------------------ the loader's side
+    def next_job(self, timeout: float | None = None) -> Entry | None:
+        with self.lock:
+            if not self.jobs:
+                self.lock.wait(timeout)
+            return self.jobs.popleft() if self.jobs else None
+
+    def wake(self) -> None:
+        with self.lock:
+            self.lock.notify_all()
+
+    def keep_host(self, entry: Entry, adapter) -> None:
+        """The loader read `adapter` from disk: keep it in the host tier (LRU by bytes)."""
+        with self.lock:
+            self._keep(entry, adapter)
+
+    def loaded(self, entry: Entry, seconds: float) -> bool:
+        """The slot is written; returns False if nobody needs it any more (slot freed)."""
+        with self.lock:
+            entry.on_gpu = True
+            entry.loads += 1
+            entry.load_seconds.append(seconds)
+            if not entry.registered and not entry.bound:
+                self._forget_if_unused(entry)
+                return False
+            return True
+
+    def failed(self, entry: Entry, error: str) -> None:
+        with self.lock:
+            entry.error = error
+            self._free_slot(entry)
+
+    # ------------------------------------------------------------------ host tier
+    def _host_entries(self) -> list[Entry]:
+        return [e for e in (*self.entries.values(), *self.retired) if e.adapter is not None]
+
+    @property
+    def host_used(self) -> int:
+        with self.lock:
+            return sum(e.nbytes for e in self._host_entries())
+
+    def _keep(self, entry: Entry, adapter) -> None:
+        entry.adapter = adapter
+        self._tick += 1
+        entry.host_used = self._tick
+        over = self.host_used - self.host_bytes
+        for e in sorted(self._host_entries(), key=lambda e: e.host_used):
+            if over <= 0:
+                break
+            if e is not entry and e.path is not None:
+                e.adapter = None
+                over -= e.nbytes
