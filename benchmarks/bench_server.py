@@ -6,13 +6,14 @@ tokens, `--max-tokens` generated each (ignore_eos), all submitted at once. A run
 throughput is the tokens generated over the wall time from the first submit to the last
 final output. Both paths serve the same requests on the same engine:
 
-- in-process: `Engine.submit` and `async for` over the streams on an asyncio loop (the
-  engine's own loop runs on its background thread);
+- in-process: `Engine.submit` for each, then each stream's final `result()` (the engine's
+  own loop runs on its background thread; nothing reads per token);
 - gRPC: the engine behind `JloraServer` in this process; the client (`AsyncClient`, one
   stream per request) runs in a child process, as a real client would, so it does not
   share this process's interpreter with the engine.
 
-Each path: one warm-up run, then the median of `--repeats` runs. Target: gRPC >= 95% of
+Each path: one warm-up run, then the median of its timed runs (`--repeats` through gRPC;
+`--repeats` in-process before the gRPC runs and as many after). Target: gRPC >= 95% of
 in-process on the GPU machine.
 
     python -m benchmarks.bench_server --model llama2-7b                  # GPU machine
@@ -40,18 +41,14 @@ def requests(batch: int, prompt_len: int, vocab: int) -> list[list[int]]:
 
 
 def run_in_process(engine, prompts, max_tokens: int) -> tuple[int, float]:
+    """Submit all, wait for each final result: the engine's throughput with no per-token
+    reader at all (the strictest baseline for the gRPC path)."""
     from jlora.sampling import SamplingParams
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-
-    async def one(i):
-        stream = engine.submit(prompts[i], params, adapter=f"a{i}")
-        return sum([len(out.token_ids) async for out in stream])
-
-    async def main():
-        t = time.perf_counter()
-        tokens = await asyncio.gather(*(one(i) for i in range(len(prompts))))
-        return sum(tokens), time.perf_counter() - t
-    return asyncio.run(main())
+    t = time.perf_counter()
+    streams = [engine.submit(p, params, adapter=f"a{i}") for i, p in enumerate(prompts)]
+    tokens = sum(len(s.result(timeout=3600).token_ids) for s in streams)
+    return tokens, time.perf_counter() - t
 
 
 def client_main(args) -> None:
@@ -88,10 +85,13 @@ def build_engine(args):
     dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     model = Model(cfg, init_params(cfg, jax.random.key(0), dtype), None, cfg.name)
     length = args.prompt_len + args.max_tokens
+    # On the CPU (a check that the script runs) one step shape per phase keeps start-up short.
+    buckets = dict(decode_buckets=(0, args.batch), prefill_buckets=(0, args.prefill_budget)) \
+        if jax.default_backend() == "cpu" else {}
     engine = Engine(model, EngineConfig(
         max_seqs=args.batch, max_seq_len=length, prefill_budget=args.prefill_budget,
         num_pages=args.batch * -(-length // 16) + 1, max_queue=4 * args.batch,
-        max_loras=args.batch, max_lora_rank=args.rank))
+        max_loras=args.batch, max_lora_rank=args.rank, **buckets))
     rng = np.random.default_rng(1)
     modules = {}   # one set of random weights, shared: each adapter still has its own slot
     for layer in range(cfg.n_layers):
@@ -101,7 +101,7 @@ def build_engine(args):
             b = (rng.normal(size=(n_out, args.rank)) * 0.01).astype(np.float32)
             modules[(layer, t)] = ModuleAdapter(a, b, 2.0)
     for i in range(args.batch):
-        engine.adapters.load(f"a{i}", Adapter(f"a{i}", "lora", modules), pin=True)
+        engine.adapters.load(f"a{i}", Adapter(f"a{i}", "lora", modules))   # all fit: no swaps
     return engine, cfg
 
 
@@ -138,6 +138,8 @@ def main() -> None:
         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True)
     remote = json.loads(child.stdout.strip().splitlines()[-1])
     server.stop()
+    # in-process again after gRPC, so drift over time (clocks, other load) hits both paths
+    local += [run_in_process(engine, prompts, args.max_tokens) for _ in range(args.repeats)]
     engine.close()
 
     expected = args.batch * args.max_tokens
