@@ -55,8 +55,9 @@ def add_parsers(sub) -> None:
                         "wait their turn on the host; 0: the base model only)")
     p.add_argument("--max-lora-rank", type=int, default=64, help="largest rank served")
     p.add_argument("--max-seqs", type=int, default=None,
-                   help="sequences decoded at once (default: 64 on a GPU, 16 on the CPU)")
-    p.add_argument("--max-seq-len", type=int, default=0, help="context (0: the model's)")
+                   help="sequences decoded at once (default: 64 on a GPU, 8 on the CPU)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="context (default: the model's on a GPU, at most 1024 on the CPU)")
     p.add_argument("--prefill-budget", type=int, default=None,
                    help="prefill tokens per step (default: 256 on a GPU, 128 on the CPU)")
     p.add_argument("--kv-memory-gb", type=float, default=0.0,
@@ -112,17 +113,22 @@ def adapter_pairs(specs: list[str]) -> list[tuple[str, str]]:
 
 def build_engine(args, pairs):
     """Load the model, compile the engine, load the adapters: (engine, model name)."""
+    import jax
+
     from jlora.loader import load_model
     from serving.engine import Engine, EngineConfig
-    import jax
+    if pairs and args.max_loras == 0:
+        raise ValueError("--adapter needs adapter slots: --max-loras must be > 0")
     model = load_model(args.model, args.dtype)
     cpu = jax.default_backend() == "cpu"
-    max_seqs = args.max_seqs or (16 if cpu else 64)
+    max_seqs = args.max_seqs or (8 if cpu else 64)
+    max_len = args.max_seq_len if args.max_seq_len is not None else (
+        min(1024, model.config.max_seq_len) if cpu else 0)
     budget = args.prefill_budget or (128 if cpu else 256)
     # On the CPU each compiled step shape costs seconds at start-up: keep to one per phase.
     buckets = dict(decode_buckets=(0, max_seqs), prefill_buckets=(0, budget)) if cpu else {}
     engine = Engine(model, EngineConfig(
-        max_seqs=max_seqs, max_seq_len=args.max_seq_len, prefill_budget=budget,
+        max_seqs=max_seqs, max_seq_len=max_len, prefill_budget=budget,
         kv_memory_gb=args.kv_memory_gb, max_queue=args.max_queue, max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank, **buckets))
     for name, path in pairs:

@@ -103,6 +103,10 @@ class _EngineCollector:
                          ",".join(sorted(set(snap.get("running_adapters", ())))),
                          ",".join(sorted(set(snap.get("waiting_adapters", ()))))], time.time())
         yield info
+        evictions = CounterMetricFamily("jlora:adapter_evictions", "Adapters moved off the "
+                                        "device to make room for others")
+        evictions.add_metric([], snap.get("adapter_evictions", 0))
+        yield evictions
         yield from _adapter_families(snap.get("adapters", {}))
         yield from _tenant_families(snap.get("tenants", {}))
 

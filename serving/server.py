@@ -183,8 +183,9 @@ class JloraServer(pb_grpc.JloraServicer):
     async def Generate(self, request: pb.GenerateRequest, context):
         try:
             identity = self._caller(context, generating=True)
-            tenant = auth.tenant_for(identity, request.tenant)
             adapter = request.adapter or None
+            # the engine's default too: without a tenant, requests count for their adapter
+            tenant = auth.tenant_for(identity, request.tenant) or (adapter or "")
             if adapter:
                 auth.check_adapter(identity, tenant, adapter, self.owners.get(adapter, ""))
             prompt, chat = prompt_of(request)

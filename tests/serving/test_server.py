@@ -445,6 +445,10 @@ def test_metrics_parse_and_carry_the_vllm_names(setup, open_server):
                  "e2e_request_latency_seconds", "prompt_tokens", "generation_tokens",
                  "lora_requests_info", "request_success", "num_preemptions"):
         assert f"vllm:{name}" in families, name
+    for name in ("adapter_residency", "adapter_loads", "adapter_hits", "adapter_misses",
+                 "adapter_load_seconds", "adapter_evictions", "tenant_requests",
+                 "tenant_prompt_tokens", "tenant_generation_tokens"):
+        assert f"jlora:{name}" in families, name
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for f in families.values() for s in f.samples}
     assert samples[("vllm:generation_tokens_total", (("model_name", "test"),))] > 0
@@ -455,3 +459,33 @@ def test_metrics_parse_and_carry_the_vllm_names(setup, open_server):
     assert samples[("jlora:adapter_residency", (("adapter", "dora"), ("residency", "gpu")))] \
         + samples[("jlora:adapter_residency", (("adapter", "dora"), ("residency", "host")))] == 1
     assert samples[("jlora:tenant_generation_tokens_total", (("tenant", "t1"),))] >= 5
+
+
+# ---------------------------------------------------------------------- jlora train --serve
+def test_train_serve_loads_the_trained_adapter_into_the_server(setup, open_server, tmp_path,
+                                                               monkeypatch, capsys):
+    """`jlora train --serve`: the command's own path (data, files written, the load into
+    the running server); the training itself is replaced by the extra adapter, so the test
+    takes seconds (training is tested in tests/training)."""
+    import jlora.loader
+    import training.loop
+    from jlora.cli import main
+    ref, engine, adapters, _ = setup
+    monkeypatch.setattr(jlora.loader, "load_model", lambda spec, dtype=None: ref)
+    monkeypatch.setattr(training.loop, "finetune", lambda model, train, held_out, config,
+                        name: training.loop.Result(adapters["extra"], None, [0.5], []))
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join('{"prompt": "p%d", "completion": "c%d"}' % (i, i)
+                              for i in range(4)))
+    out = tmp_path / "trained"
+    assert main(["train", "--data", str(data), "--out", str(out), "--name", "trained",
+                 "--steps", "1", "--serve", open_server[1]]) == 0
+    assert "loaded adapter 'trained' (version 1)" in capsys.readouterr().err
+    with Client(open_server[1]) as c:
+        info = c.get_adapter("trained")
+        got = c.generate([7, 8, 9], adapter="trained", max_tokens=6, ignore_eos=True)
+        c.unload_adapter("trained")
+    assert info.source == str(out) and info.rank == 8
+    assert got.token_ids == alone(ref, [7, 8, 9], SamplingParams(max_tokens=6,
+                                                                 ignore_eos=True),
+                                  "extra").token_ids
