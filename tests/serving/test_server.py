@@ -7,6 +7,7 @@ every token streamed.
 """
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 import time
@@ -218,22 +219,41 @@ def test_64_clients_mixed_adapters_cancellations_and_adapter_changes(setup, open
     assert gone.code() == grpc.StatusCode.NOT_FOUND and "'extra'" in gone.details()
 
 
+@contextlib.contextmanager
+def paused(engine):
+    """The engine's loop stopped: requests are accepted and wait, nothing runs."""
+    engine.stop()
+    try:
+        yield
+    finally:
+        engine.start()
+
+
+def wait_for(predicate, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end
+        time.sleep(0.01)
+
+
 def test_client_cancel_and_abort_free_the_request(setup, open_server):
     _, engine, _, _ = setup
+    server = open_server[0].server
     before = engine.metrics.snapshot()["finished"].get("cancelled", 0)
     with Client(open_server[1]) as c:
         call = c.generate_stream([4, 5, 6], max_tokens=50, ignore_eos=True)
         next(call)
         call.cancel()                              # the client goes away
-        call = c.generate_stream([4, 5, 7], max_tokens=50, ignore_eos=True,
-                                 request_id="abort-me")
-        first = next(call)
-        assert first.request_id == "abort-me"
-        dup = rpc_error(c.generate, [1], request_id="abort-me", max_tokens=2)
-        assert c.abort("abort-me") is True
-        assert list(call)[-1].finish_reason == "cancelled"
+        with paused(engine):                       # so that "abort-me" is surely running
+            call = c.generate_stream([4, 5, 7], max_tokens=50, ignore_eos=True,
+                                     request_id="abort-me")
+            wait_for(lambda: "abort-me" in server._running)
+            dup = rpc_error(c.generate, [1], request_id="abort-me", max_tokens=2)
+            assert c.abort("abort-me") is True
+        parts = list(call)
         missing = rpc_error(c.abort, "abort-me")
     wait_idle(engine)
+    assert parts[-1].finish_reason == "cancelled" and parts[-1].request_id == "abort-me"
     assert engine.metrics.snapshot()["finished"]["cancelled"] >= before + 2
     assert dup.code() == grpc.StatusCode.ALREADY_EXISTS and "'abort-me'" in dup.details()
     assert missing.code() == grpc.StatusCode.NOT_FOUND and "not running" in missing.details()
@@ -376,15 +396,16 @@ def test_keys_roles_tenants_and_private_adapters(setup, keyed_server):
         assert admin.generate([1, 2], tenant="globex", max_tokens=2).finish_reason
 
         # the per-tenant limit (2), and aborting: only one's own requests
-        calls = [acme.generate_stream([4, 5, i], max_tokens=40, ignore_eos=True,
-                                      request_id=f"acme-{i}") for i in range(2)]
-        for call in calls:
-            next(call)
-        over = rpc_error(acme.generate, [1, 2], max_tokens=2)
-        assert globex.generate([1, 2], max_tokens=2).finish_reason == "length"
-        not_yours = rpc_error(globex.abort, "acme-0")
-        assert acme.abort("acme-0") and admin.abort("acme-1")
+        running = keyed_server[0].server._running
+        with paused(engine):
+            calls = [acme.generate_stream([4, 5, i], max_tokens=40, ignore_eos=True,
+                                          request_id=f"acme-{i}") for i in range(2)]
+            wait_for(lambda: {"acme-0", "acme-1"} <= set(running))
+            over = rpc_error(acme.generate, [1, 2], max_tokens=2)
+            not_yours = rpc_error(globex.abort, "acme-0")
+            assert acme.abort("acme-0") and admin.abort("acme-1")
         assert [list(call)[-1].finish_reason for call in calls] == ["cancelled"] * 2
+        assert globex.generate([1, 2], max_tokens=2).finish_reason == "length"
     assert over.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "tenant 'acme' has 2 requests running or waiting" in over.details()
     assert not_yours.code() == grpc.StatusCode.NOT_FOUND
