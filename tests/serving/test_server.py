@@ -8,6 +8,7 @@ every token streamed.
 
 import asyncio
 import contextlib
+import json
 import shutil
 import subprocess
 import time
@@ -510,3 +511,27 @@ def test_train_serve_loads_the_trained_adapter_into_the_server(setup, open_serve
     assert got.token_ids == alone(ref, [7, 8, 9], SamplingParams(max_tokens=6,
                                                                  ignore_eos=True),
                                   "extra").token_ids
+
+
+def test_cli_streams_a_prompt_and_manages_adapters(setup, open_server, capsys):
+    from jlora.cli import main
+    ref, _, _, extra_dir = setup
+    address = open_server[1]
+    assert main(["generate", "--server", address, "--no-chat", "--max-tokens", "10",
+                 "--ignore-eos", "--adapter", "tied", "Once upon a time"]) == 0
+    want = alone(ref, "Once upon a time", SamplingParams(max_tokens=10, ignore_eos=True),
+                 "tied")
+    assert capsys.readouterr().out == want.text + "\n"
+    assert main(["adapters", "load", "cli-extra", str(extra_dir), "--server", address]) == 0
+    loaded = json.loads(capsys.readouterr().out)
+    assert main(["adapters", "info", "cli-extra", "--server", address]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert main(["adapters", "unload", "cli-extra", "--server", address]) == 0
+    assert json.loads(capsys.readouterr().out) == {"unloaded": "cli-extra"}
+    assert main(["adapters", "list", "--server", address]) == 0
+    listed = [json.loads(line)["name"] for line in capsys.readouterr().out.splitlines()]
+    assert loaded["name"] == info["name"] == "cli-extra" and info["rank"] == 8
+    assert info["variant"] == "lora" and info["targets"] == ["q", "v"]
+    assert "cli-extra" not in listed and set(NAMES) <= set(listed)
+    assert main(["adapters", "unload", "cli-extra", "--server", address]) == 2
+    assert capsys.readouterr().err.startswith("jlora: error: NOT_FOUND: ")
