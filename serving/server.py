@@ -249,14 +249,21 @@ class JloraServer(pb_grpc.JloraServicer):
                 raise Refused(grpc.StatusCode.ALREADY_EXISTS,
                               f"adapter {request.name!r} is already loaded; set replace to "
                               "load the new version")
-            info = await asyncio.to_thread(store.load, request.name,
-                                           request.path, pin=request.pin,
-                                           replace=request.replace)
+            # private before it is registered, so no other tenant can catch it in between
+            before = self.owners.get(request.name)
+            if request.owner:
+                self.owners[request.name] = request.owner
+            try:
+                info = await asyncio.to_thread(store.load, request.name, request.path,
+                                               pin=request.pin, replace=request.replace)
+            except BaseException:
+                self.owners.pop(request.name, None)
+                if before is not None:
+                    self.owners[request.name] = before
+                raise
         except _REFUSALS as e:
             await context.abort(status_of(e), str(e))
-        if request.owner:
-            self.owners[info.name] = request.owner
-        else:
+        if not request.owner:
             self.owners.pop(info.name, None)
         return self._adapter_pb(info)
 
@@ -300,7 +307,7 @@ class JloraServer(pb_grpc.JloraServicer):
         return pb.ServerInfo(
             model=self.model_name, vocab_size=engine.model.config.vocab_size,
             max_seq_len=engine.sched_config.max_seq_len, max_seqs=engine.config.max_seqs,
-            max_loras=engine.config.max_loras, max_lora_rank=engine.config.max_lora_rank,
+            max_loras=snap.get("max_loras", 0), max_lora_rank=engine.config.max_lora_rank,
             max_queue=engine.config.max_queue,
             max_requests_per_tenant=self.options.max_requests_per_tenant,
             max_message_bytes=self.options.max_message_bytes, num_running=snap["num_running"],
