@@ -272,7 +272,8 @@ def test_deadline_and_full_queue(setup, open_server):
     finally:
         engine.start()
     wait_idle(engine)
-    assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not server._running
+    wait_for(lambda: not server._running)     # the handler's cancellation has run
+    assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
     async def fill():
         async with AsyncClient(open_server[1]) as ac:
@@ -295,7 +296,7 @@ def test_deadline_and_full_queue(setup, open_server):
     wait_idle(engine)
     assert full.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert f"{CONFIG.max_queue} requests are already waiting" in full.details()
-    assert not server._running
+    wait_for(lambda: not server._running)     # every cancelled call's handler has ended
 
 
 # ---------------------------------------------------------------------- bad input
