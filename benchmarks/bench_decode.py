@@ -26,7 +26,7 @@ import numpy as np
 
 from benchmarks.profiling import print_kernels
 from jlora.adapters import GROUPS, target_shapes
-from jlora.bank import AdapterBank, BankArrays, slot_rows
+from jlora.bank import AdapterBank, BankArrays
 from jlora.config import preset
 from jlora.generate import decode_step
 from jlora.model import KVCache, init_params
@@ -94,7 +94,7 @@ def random_bank(cfg, n_adapters: int, rank: int, dtype, key) -> AdapterBank:
             b_start = np.zeros((M, S), np.int32)
             for m in range(M):
                 for s in range(1, S):
-                    a_start[m, s], b_start[m, s] = slot_rows(L, M, R, s, layer, m)
+                    a_start[m, s], b_start[m, s] = bank.slot_rows(M, s, layer, m)
             rank_t = np.full((M, S), R, np.int32)
             rank_t[:, 0] = 0
             per_group[group] = dict(a_start=jnp.asarray(a_start), b_start=jnp.asarray(b_start),

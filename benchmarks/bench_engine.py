@@ -39,7 +39,8 @@ from jlora.config import preset
 from jlora.loader import Model
 from jlora.model import init_params
 from jlora.sampling import SamplingParams, seed_key
-from serving.engine import Engine, EngineConfig, make_batch, pack
+from serving.engine import Engine, EngineConfig
+from serving.step import make_batch, pack
 from serving.request import Request, RequestStream
 
 WORKLOADS = ("base", "distinct", "uniform", "skewed", "identical")

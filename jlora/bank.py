@@ -3,11 +3,12 @@
 Per projection group (qkv, o, gate_up, down) the bank owns one A pool and one B pool per
 module (`pallas_kernels.lora.LoraWeights` layout), shared by all layers, plus per-layer
 tables (start rows, ranks, scales, and the Tied-LoRA / DoRA vectors). Slot s owns a fixed
-range of pool rows, max_rank rows per module and layer, so loading an adapter is an
-in-place write of that range and of column s of the tables: shapes never change, so the
-jitted step never recompiles. A Tied-LoRA adapter writes its shared A and B once and points
-every layer at them; a rank-8 adapter in a bank of max_rank 64 is read and computed at
-rank 8. Slot 0 is the base model (rank 0 everywhere). DoRA's g = m / ||W + s BA|| is
+range of pool rows, its rank capacity R_s rows per module and layer (max_rank unless
+`slot_ranks` sets each slot's; slots of small capacity cost proportionally less memory), so
+loading an adapter is an in-place write of that range and of column s of the tables: shapes
+never change, so the jitted step never recompiles. A Tied-LoRA adapter writes its shared A
+and B once and points every layer at them; a rank-8 adapter in a slot of capacity 64 is
+read and computed at rank 8. Slot 0 is the base model (rank 0 everywhere). DoRA's g = m / ||W + s BA|| is
 computed once, at load, against the base weights.
 
 The bank holds device arrays and the name -> slot map; which adapters to keep resident is
@@ -57,12 +58,16 @@ class AdapterBank:
     """Slots 1..n_slots-1 for adapters; `arrays` is what the jitted step takes."""
 
     def __init__(self, cfg: ModelConfig, n_slots: int, max_rank: int, dtype=jnp.bfloat16,
-                 features: tuple[str, ...] = FEATURES):
+                 features: tuple[str, ...] = FEATURES, slot_ranks: tuple[int, ...] = ()):
         if n_slots < 2:
             raise ValueError(f"n_slots={n_slots}: a bank needs slot 0 (the base) and at least "
                              "one adapter slot")
         if not 1 <= max_rank <= 256:
             raise ValueError(f"max_rank={max_rank} must be in [1, 256]")
+        slot_ranks = tuple(slot_ranks) or (max_rank,) * (n_slots - 1)
+        if len(slot_ranks) != n_slots - 1 or not all(1 <= r <= max_rank for r in slot_ranks):
+            raise ValueError(f"slot_ranks={slot_ranks} must give each of the {n_slots - 1} "
+                             f"adapter slots a rank capacity in [1, max_rank={max_rank}]")
         unknown = set(features) - set(FEATURES)
         if unknown:
             raise ValueError(f"unknown bank features {sorted(unknown)}; known: {FEATURES}")
@@ -70,16 +75,18 @@ class AdapterBank:
         self.features = tuple(features)
         self.slots: dict[str, int] = {}          # adapter name -> slot
         self.adapters: dict[int, Adapter] = {}   # slot -> adapter
+        self.slot_ranks = (0, *slot_ranks)      # rank capacity of each slot (slot 0: base)
+        self._rows = np.cumsum(self.slot_ranks)  # rank rows before each slot's
         shapes = target_shapes(cfg)
-        L, S, R = cfg.n_layers, n_slots, max_rank
+        L, S, rows = cfg.n_layers, n_slots, int(self._rows[-1])
         Rv = v_width(max_rank)
         pools, tables = {}, [{} for _ in range(L)]
         for group, targets in GROUPS.items():
             M = len(targets)
             d_in = shapes[targets[0]][0]
             widths = [shapes[t][1] for t in targets]
-            a = jnp.zeros(((S - 1) * L * M * R + POOL_SLACK_ROWS, d_in), dtype)
-            b = tuple(jnp.zeros(((S - 1) * L * R + POOL_SLACK_ROWS, n), dtype) for n in widths)
+            a = jnp.zeros((rows * L * M + POOL_SLACK_ROWS, d_in), dtype)
+            b = tuple(jnp.zeros((rows * L + POOL_SLACK_ROWS, n), dtype) for n in widths)
             pools[group] = (a, b)
             for layer in range(L):
                 t = dict(a_start=jnp.zeros((M, S), jnp.int32),
@@ -103,13 +110,24 @@ class AdapterBank:
                            f"{sorted(self.slots) or 'none'}")
         return self.slots[name]
 
-    def free_slot(self) -> int:
+    def free_slot(self, rank: int = 1) -> int:
+        """The free slot of the least capacity that holds `rank`."""
         used = set(self.slots.values())
-        for s in range(1, self.n_slots):
-            if s not in used:
-                return s
-        raise ValueError(f"all {self.n_slots - 1} adapter slots are in use "
-                           f"({sorted(self.slots)}); unload one first")
+        free = [s for s in range(1, self.n_slots) if s not in used and self.slot_ranks[s] >= rank]
+        if not free:
+            raise ValueError(f"no free adapter slot holds rank {rank} (slots in use: "
+                             f"{sorted(self.slots)}); unload one first")
+        return min(free, key=lambda s: self.slot_ranks[s])
+
+    def slot_rows(self, M: int, slot: int, layer: int, m: int,
+                  tied: bool = False) -> tuple[int, int]:
+        """First A-pool and B-pool rows of module m of a group of M at `layer` in `slot`.
+
+        Slot s owns L*M*R_s rows of the group's A pool and L*R_s of each B pool; a Tied-LoRA
+        adapter uses its layer-0 rows for every layer."""
+        L, R, base = self.cfg.n_layers, self.slot_ranks[slot], int(self._rows[slot - 1])
+        layer = 0 if tied else layer
+        return base * L * M + (layer * M + m) * R, base * L + layer * R
 
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self.arrays))
@@ -120,9 +138,11 @@ class AdapterBank:
 
         params are the base model's (DoRA's scale is computed against them).
         """
+        self.check(adapter)
         if adapter.name in self.slots and slot is None:
             slot = self.slots[adapter.name]
-        slot = self.free_slot() if slot is None else slot
+        slot = self.free_slot(adapter.max_rank if adapter.modules else 1) if slot is None \
+            else slot
         self.put(adapter, slot, self.slot_data(adapter, params, slot))
         return slot
 
@@ -154,55 +174,56 @@ class AdapterBank:
         self.put(EMPTY, slot, self.slot_data(EMPTY, None, slot))
 
     def slot_data(self, adapter: Adapter, params, slot: int) -> dict:
-        """Device arrays for slot `slot`: its pool row ranges and its table column (built on
-        the host, then copied; the step's arrays are not touched)."""
+        """Device arrays for slot `slot`: its pool row ranges and its table column, built on
+        the host in a few arrays (tables stacked over layers) and copied in one transfer;
+        the step's arrays are not touched."""
         self.check(adapter)
-        cfg, L, R = self.cfg, self.cfg.n_layers, self.max_rank
-        shapes = target_shapes(cfg)
+        cfg, L, R = self.cfg, self.cfg.n_layers, self.slot_ranks[slot]
+        if adapter.modules and adapter.max_rank > R:
+            raise ValueError(f"adapter {adapter.name!r} has rank {adapter.max_rank}; slot "
+                             f"{slot} holds ranks up to {R}")
+        shapes, dtype = target_shapes(cfg), np.dtype(self.dtype)
         tied = adapter.variant == "tied"
-        pools, tables = {}, [{} for _ in range(L)]
+        pools, tables = {}, {}
         for group, targets in GROUPS.items():
-            M = len(targets)
-            a_rows = np.zeros((L * M * R, shapes[targets[0]][0]), np.float32)
-            b_rows = [np.zeros((L * R, shapes[t][1]), np.float32) for t in targets]
-            a_base, b_base = slot_rows(L, M, R, slot, 0, 0)
-            for layer in range(L):
-                col = {k: np.zeros(M, np.int32) for k in ("a_start", "b_start", "rank")}
-                col["scale"] = np.zeros(M, np.float32)
-                u = np.ones((M, v_width(R)), np.float32)
-                w = [np.ones(shapes[t][1], np.float32) for t in targets]
-                g = [np.ones(shapes[t][1], np.float32) for t in targets]
-                for m, target in enumerate(targets):
-                    mod = adapter.modules.get((layer, target))
-                    if mod is None:
-                        continue
-                    r = mod.rank
-                    a_start, b_start = slot_rows(L, M, R, slot, layer, m, tied)
-                    a_off, b_off = a_start - a_base, b_start - b_base
-                    a_rows[a_off:a_off + r] = mod.a
-                    b_rows[m][b_off:b_off + r] = mod.b.T
-                    col["a_start"][m], col["b_start"][m] = a_start, b_start
-                    col["rank"][m], col["scale"][m] = r, mod.scale
-                    if mod.u is not None:
-                        u[m, :r] = mod.u
-                    if mod.w is not None:
-                        w[m] = np.asarray(mod.w, np.float32)
-                    if mod.m is not None:
-                        g[m] = dora_scale(params, cfg, layer, target, mod)
-                t = {k: jnp.asarray(v) for k, v in col.items()}
-                if "tied" in self.features:
-                    t["u"], t["w"] = jnp.asarray(u), tuple(jnp.asarray(x) for x in w)
-                if "dora" in self.features:
-                    t["g"] = tuple(jnp.asarray(x) for x in g)
-                tables[layer][group] = t
-            pools[group] = (jnp.asarray(a_rows, self.dtype), a_base,
-                            tuple(jnp.asarray(x, self.dtype) for x in b_rows), b_base)
-        return {"pools": pools, "tables": tables}
+            M, widths = len(targets), [shapes[t][1] for t in targets]
+            a_rows = np.zeros((L * M * R, shapes[targets[0]][0]), dtype)
+            b_rows = [np.zeros((L * R, n), dtype) for n in widths]
+            a_base, b_base = self.slot_rows(M, slot, 0, 0)
+            t = {k: np.zeros((L, M), np.int32) for k in ("a_start", "b_start", "rank")}
+            t["scale"] = np.zeros((L, M), np.float32)
+            t["u"] = np.ones((L, M, v_width(self.max_rank)), np.float32)
+            t["w"] = tuple(np.ones((L, n), np.float32) for n in widths)
+            t["g"] = tuple(np.ones((L, n), np.float32) for n in widths)
+            for layer, m in np.ndindex(L, M):
+                mod = adapter.modules.get((layer, targets[m]))
+                if mod is None:
+                    continue
+                r = mod.rank
+                a_start, b_start = self.slot_rows(M, slot, layer, m, tied)
+                a_rows[a_start - a_base:a_start - a_base + r] = mod.a
+                b_rows[m][b_start - b_base:b_start - b_base + r] = mod.b.T
+                t["a_start"][layer, m], t["b_start"][layer, m] = a_start, b_start
+                t["rank"][layer, m], t["scale"][layer, m] = r, mod.scale
+                if mod.u is not None:
+                    t["u"][layer, m, :r] = mod.u
+                if mod.w is not None:
+                    t["w"][m][layer] = mod.w
+                if mod.m is not None:
+                    t["g"][m][layer] = dora_scale(params, cfg, layer, targets[m], mod,
+                                                  self.max_rank)
+            for feature, keys in (("tied", ("u", "w")), ("dora", ("g",))):
+                if feature not in self.features:
+                    for k in keys:
+                        del t[k]
+            pools[group], tables[group] = (a_rows, a_base, tuple(b_rows), b_base), t
+        return jax.device_put({"pools": pools, "tables": tables})
 
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _write_slot(arrays: BankArrays, slot: jax.Array, data: dict) -> BankArrays:
-    """Write one slot's rows and table column in place (same shapes for every slot)."""
+    """Write one slot's rows and table column in place (one program per slot capacity).
+    data["tables"][group][key] is stacked over layers: [L, ...]."""
     pools = {}
     for group, (a, b) in arrays.pools.items():
         rows_a, a_base, rows_b, b_base = data["pools"][group]
@@ -210,16 +231,17 @@ def _write_slot(arrays: BankArrays, slot: jax.Array, data: dict) -> BankArrays:
         b = tuple(jax.lax.dynamic_update_slice(bm, rb, (b_base, 0)) for bm, rb in zip(b, rows_b))
         pools[group] = (a, b)
     tables = []
-    for layer_tables, layer_data in zip(arrays.tables, data["tables"]):
+    for layer, layer_tables in enumerate(arrays.tables):
         new = {}
         for group, t in layer_tables.items():
-            d = layer_data[group]
-            n = {k: t[k].at[:, slot].set(d[k]) for k in ("a_start", "b_start", "rank", "scale")}
+            d = data["tables"][group]
+            n = {k: t[k].at[:, slot].set(d[k][layer])
+                 for k in ("a_start", "b_start", "rank", "scale")}
             if "u" in t:
-                n["u"] = t["u"].at[:, slot].set(d["u"])
-                n["w"] = tuple(x.at[slot].set(y) for x, y in zip(t["w"], d["w"]))
+                n["u"] = t["u"].at[:, slot].set(d["u"][layer])
+                n["w"] = tuple(x.at[slot].set(y[layer]) for x, y in zip(t["w"], d["w"]))
             if "g" in t:
-                n["g"] = tuple(x.at[slot].set(y) for x, y in zip(t["g"], d["g"]))
+                n["g"] = tuple(x.at[slot].set(y[layer]) for x, y in zip(t["g"], d["g"]))
             new[group] = n
         tables.append(new)
     return BankArrays(pools=pools, tables=tables, max_rank=arrays.max_rank)
@@ -239,19 +261,25 @@ def base_weight(params: dict, cfg: ModelConfig, layer: int, target: str) -> jax.
     return params["layers"][layer][name][:, columns]
 
 
-def slot_rows(L: int, M: int, R: int, slot: int, layer: int, m: int,
-              tied: bool = False) -> tuple[int, int]:
-    """First A-pool and B-pool rows of module m of a group of M at `layer` in slot `slot`.
+def dora_scale(params: dict, cfg: ModelConfig, layer: int, target: str, mod,
+               max_rank: int | None = None) -> np.ndarray:
+    """g = m / ||W + s BA|| per output channel (norm over inputs), in float32.
 
-    Slot s owns L*M*R rows of the group's A pool and L*R of each B pool; a Tied-LoRA adapter
-    uses its layer-0 rows for every layer."""
-    layer = 0 if tied else layer
-    return (slot - 1) * L * M * R + (layer * M + m) * R, (slot - 1) * L * R + layer * R
+    A and B are zero-padded to max_rank (default: their rank), so one compiled program
+    serves every layer and every rank up to it (serving compiles it once, at start-up)."""
+    r, R = mod.rank, max_rank or mod.rank
+    a = np.zeros((R, mod.a.shape[1]), np.float32)
+    b = np.zeros((mod.b.shape[0], R), np.float32)
+    a[:r], b[:, :r] = mod.a, mod.b
+    name, _ = fused_index(cfg, target)
+    g = _dora_scale(params["layers"][layer][name], a, b, np.float32(mod.scale),
+                    np.asarray(mod.m, np.float32), cfg=cfg, target=target)
+    return np.asarray(g)
 
 
-def dora_scale(params: dict, cfg: ModelConfig, layer: int, target: str, mod) -> np.ndarray:
-    """g = m / ||W + s BA|| per output channel (norm over inputs), in float32."""
-    w = base_weight(params, cfg, layer, target).astype(jnp.float32)          # [in, out]
-    delta = mod.scale * (jnp.asarray(mod.b) @ jnp.asarray(mod.a)).T          # [in, out]
-    norm = jnp.linalg.norm(w + delta, axis=0)
-    return np.asarray(jnp.asarray(mod.m) / norm, np.float32)
+@functools.partial(jax.jit, static_argnames=("cfg", "target"))
+def _dora_scale(fused: jax.Array, a, b, scale, m, *, cfg: ModelConfig, target: str):
+    _, columns = fused_index(cfg, target)
+    w = fused[:, columns].astype(jnp.float32)                                 # [in, out]
+    norm = jnp.linalg.norm(w + scale * (b @ a).T, axis=0)
+    return m / norm

@@ -1,4 +1,3 @@
-"""The serving side: host-side scheduler and allocators, the engine, the gRPC server.
-
-Empty until the serving issues land; `jlora.generate` is the offline batch path meanwhile.
+"""The serving side: the engine (serving/engine.py) and the host code around it: scheduling and
+fairness, KV page allocation, the adapter tiers, request streams and metrics.
 """

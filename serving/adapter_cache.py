@@ -11,13 +11,15 @@ Every entry counts `users`, the running requests that hold its slot (an entry wi
 never evicted), and `bound`, the unfinished requests that named it at submit: replacing or
 unloading a name retires the old entry, which lives on until its requests finish.
 
-`want(entry)` reserves a slot (a free one, else the least recently used idle one) and queues
-the entry for the loader. When every slot is held by running requests it drains one: no new
+`want(entry)` reserves a slot that holds its rank (a free one of the least capacity, else the
+least recently used idle one) and queues the entry for the loader. When every slot is held by running requests it drains one: no new
 request is admitted to it, so its slot frees up as its running requests finish, and the
 adapter waiting for a slot gets it within one request lifetime.
 
 This module decides; it neither reads files nor touches a device (serving/adapter_store.py
-does both). No jax here. All methods are thread-safe.
+does both). No jax here. All methods take the lock; the slot decisions (`want`, `acquire`,
+`release`, `begin_step`, `end_step`, `loaded`, `failed`) are the engine thread's alone, so
+nothing is evicted between the scheduler finding an adapter ready and acquiring it.
 """
 
 from __future__ import annotations
@@ -65,34 +67,43 @@ class Entry:
 
 
 class AdapterCache:
-    """Slots 1..n_slots of the bank, a host tier of `host_bytes`, and the registry."""
+    """Slots 1..n_slots of the bank (slot s holds ranks up to slot_ranks[s - 1]), a host tier
+    of `host_bytes`, and the registry."""
 
-    def __init__(self, n_slots: int, host_bytes: int):
+    def __init__(self, n_slots: int, host_bytes: int, slot_ranks: tuple[int, ...] = ()):
         if n_slots < 1:
             raise ValueError(f"n_slots={n_slots} must be >= 1")
         self.n_slots, self.host_bytes = n_slots, host_bytes
+        self.capacity = dict(enumerate(slot_ranks or (1 << 30,) * n_slots, start=1))
+        assert len(self.capacity) == n_slots, (n_slots, slot_ranks)
         self.entries: dict[str, Entry] = {}     # the current version of each name
         self.slots: dict[int, Entry] = {}       # slot -> entry holding it (loading or gpu)
         self.retired: list[Entry] = []          # replaced/unloaded, still bound
         self.jobs: deque[Entry] = deque()       # slots reserved, waiting for the loader
+        self.unplaced_pins: set[Entry] = set()  # pinned entries still without a slot
         self.evictions = 0
         self.lock = threading.Condition(threading.RLock())
         self._tick = 0
-        self._drain_wanted = False
+        self._drain_wanted: bool | None = None
 
     # ------------------------------------------------------------------ registry
-    def register(self, entry: Entry, replace: bool = False) -> None:
+    def register(self, entry: Entry, replace: bool = False, limits: bool = True) -> None:
+        """Add `entry` under its name; limits=False skips the pin and host-budget checks
+        (adapters already in a bank before serving started)."""
         with self.lock:
             old = self.entries.get(entry.name)
             if old is not None and not replace:
                 raise ValueError(f"adapter {entry.name!r} is already loaded (from "
                                  f"{old.path or 'memory'}); pass replace=True to replace it")
+            if entry.rank > max(self.capacity.values()):
+                raise ValueError(f"adapter {entry.name!r} has rank {entry.rank}; the largest "
+                                 f"adapter slot holds rank {max(self.capacity.values())}")
             pins = sum(e.pinned for e in self.entries.values() if e is not old)
-            if entry.pinned and pins + 1 > max(1, self.n_slots - 1):
+            if limits and entry.pinned and pins + 1 > max(1, self.n_slots - 1):
                 raise ValueError(f"cannot pin {entry.name!r}: {pins} of the {self.n_slots} "
                                  "adapter slots are pinned already, and one must stay free "
                                  "for the others")
-            if entry.path is None and entry.adapter is not None:
+            if limits and entry.path is None and entry.adapter is not None:
                 pinned_bytes = sum(e.nbytes for e in self._host_entries() if e.path is None)
                 if pinned_bytes + entry.nbytes > self.host_bytes:
                     raise ValueError(
@@ -106,6 +117,8 @@ class AdapterCache:
             self.entries[entry.name] = entry
             if entry.adapter is not None:
                 self._keep(entry, entry.adapter)
+            if entry.pinned and entry.slot is None:
+                self.unplaced_pins.add(entry)
 
     def unregister(self, name: str) -> Entry:
         with self.lock:
@@ -126,6 +139,7 @@ class AdapterCache:
 
     def _retire(self, entry: Entry) -> None:
         entry.registered, entry.pinned = False, False
+        self.unplaced_pins.discard(entry)
         self.retired.append(entry)
         self._forget_if_unused(entry)
 
@@ -174,12 +188,12 @@ class AdapterCache:
     # ------------------------------------------------------------------ GPU slots
     def begin_step(self) -> None:
         with self.lock:
-            self._drain_wanted = False
+            self._drain_wanted = None     # no want made yet this step
 
     def end_step(self) -> None:
-        """A step in which every want was met lifts the drain."""
+        """A step whose wants were all met lifts the drain (one with no wants keeps it)."""
         with self.lock:
-            if not self._drain_wanted:
+            if self._drain_wanted is False:
                 for e in self.slots.values():
                     e.draining = False
 
@@ -190,21 +204,24 @@ class AdapterCache:
         (prefetch) only one that no waiting request needs. With no slot to be had, drains one.
         """
         with self.lock:
+            if evict_wanted and self._drain_wanted is None:
+                self._drain_wanted = False
             if entry.slot is not None:
                 return True
             entry.misses += 1
-            slot = self._free_slot_number()
+            slot = self._free_slot_number(entry.rank)
             if slot is None:
-                victim = self._victim(evict_wanted)
+                victim = self._victim(entry.rank, evict_wanted)
                 if victim is None:
                     if evict_wanted:
-                        self._drain()
+                        self._drain(entry.rank)
                     return False
                 slot = victim.slot
                 self._free_slot(victim)
                 self.evictions += 1
             entry.slot, entry.on_gpu, entry.error = slot, False, None
             self.slots[slot] = entry
+            self.unplaced_pins.discard(entry)
             self.jobs.append(entry)
             self.lock.notify_all()
             return True
@@ -215,25 +232,27 @@ class AdapterCache:
             assert slot not in self.slots and entry.slot is None, (slot, entry.name)
             entry.slot, entry.on_gpu = slot, True
             self.slots[slot] = entry
+            self.unplaced_pins.discard(entry)
 
-    def _free_slot_number(self) -> int | None:
-        for s in range(1, self.n_slots + 1):
-            if s not in self.slots:
-                return s
-        return None
+    def _free_slot_number(self, rank: int) -> int | None:
+        """The free slot of the least capacity that holds `rank`."""
+        free = [s for s, r in self.capacity.items() if s not in self.slots and r >= rank]
+        return min(free, key=self.capacity.get, default=None)
 
-    def _victim(self, evict_wanted: bool) -> Entry | None:
+    def _victim(self, rank: int, evict_wanted: bool) -> Entry | None:
         idle = [e for e in self.slots.values()
                 if e.on_gpu and not e.users and not e.pinned
+                and self.capacity[e.slot] >= rank
                 and (evict_wanted or e.bound == 0 or not e.registered)]
         # retired first, then those no waiting request needs, then least recently used
         return min(idle, key=lambda e: (e.registered, e.bound > 0, e.last_used), default=None)
 
-    def _drain(self) -> None:
+    def _drain(self, rank: int) -> None:
         self._drain_wanted = True
-        if any(e.draining for e in self.slots.values()):
+        if any(e.draining and self.capacity[e.slot] >= rank for e in self.slots.values()):
             return
-        busy = [e for e in self.slots.values() if e.on_gpu and not e.pinned]
+        busy = [e for e in self.slots.values()
+                if e.on_gpu and not e.pinned and self.capacity[e.slot] >= rank]
         victim = min(busy, key=lambda e: (e.users, e.last_used), default=None)
         if victim is not None:
             victim.draining = True
@@ -275,6 +294,8 @@ class AdapterCache:
         with self.lock:
             entry.error = error
             self._free_slot(entry)
+            if entry.pinned:
+                self.unplaced_pins.add(entry)
 
     # ------------------------------------------------------------------ host tier
     def _host_entries(self) -> list[Entry]:

@@ -18,13 +18,41 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
+import numpy as np
 
-from jlora.adapters import Adapter
-from jlora.bank import EMPTY, AdapterBank
+from jlora.adapters import Adapter, ModuleAdapter, target_shapes
+from jlora.bank import EMPTY, AdapterBank, dora_scale, slot_bytes
 from jlora.formats.native import read_adapter
 from serving.adapter_cache import AdapterCache, Entry, UnknownAdapter
 
-__all__ = ["AdapterInfo", "AdapterStore", "UnknownAdapter"]
+__all__ = ["AdapterInfo", "AdapterStore", "UnknownAdapter", "make_bank"]
+
+
+def make_bank(model, config) -> AdapterBank | None:
+    """The engine's adapter bank, sized by its `EngineConfig`: lora_slot_ranks, or max_loras
+    slots of max_lora_rank, or as many as lora_memory_gb holds; else the model's own bank
+    (`load_adapter`), or None: the base model only."""
+    c, cfg, n = config, model.config, config.max_loras
+    if not c.host_lora_gb >= 0:
+        raise ValueError(f"host_lora_gb={c.host_lora_gb} must be >= 0")
+    if c.lora_slot_ranks:
+        if n or c.lora_memory_gb:
+            raise ValueError(f"give lora_slot_ranks={c.lora_slot_ranks} or max_loras / "
+                             "lora_memory_gb, not both")
+        return AdapterBank(cfg, len(c.lora_slot_ranks) + 1, max(c.lora_slot_ranks),
+                           model.dtype, slot_ranks=c.lora_slot_ranks)
+    if c.lora_memory_gb:
+        if n:
+            raise ValueError(f"give max_loras={n} or lora_memory_gb={c.lora_memory_gb}, "
+                             "not both")
+        each = slot_bytes(cfg, c.max_lora_rank, model.dtype)
+        n = int(c.lora_memory_gb * 1e9 // each)
+        if n < 1:
+            raise ValueError(f"lora_memory_gb={c.lora_memory_gb} holds no adapter slot of "
+                             f"rank {c.max_lora_rank} ({each} bytes each)")
+    if n < 0:
+        raise ValueError(f"max_loras={n} must be >= 0")
+    return AdapterBank(cfg, n + 1, c.max_lora_rank, model.dtype) if n else model.bank
 
 
 @dataclass(frozen=True)
@@ -67,25 +95,28 @@ class AdapterStore:
 
         Raises ValueError for a bad name, a malformed or unservable adapter, or a name in use
         (without replace); FileNotFoundError for a missing path. Requests already using a
-        replaced version finish with it. A pinned adapter is sent to the GPU at once and never
-        leaves it."""
+        replaced version finish with it. A pinned adapter is sent to the GPU at the next step
+        and never leaves it."""
         if not isinstance(name, str) or not name or "=" in name or len(name) > 200:
             raise ValueError(f"adapter name {name!r} must be 1-200 characters without '='")
         if isinstance(source, Adapter):
             adapter, path = source, None
+        elif not isinstance(source, (str, Path)):
+            raise ValueError(f"adapter source {source!r} must be a directory path or an "
+                             "Adapter")
         else:
             path = Path(source)
             adapter = read_adapter(path, self.bank.cfg.n_layers, name)
+        entry = self._entry(name, adapter, path, pin)
+        self.cache.register(entry, replace)   # a pinned one is sent for at the next step
+        return AdapterInfo.of(entry)
+
+    def _entry(self, name: str, adapter: Adapter, path: Path | None, pin: bool) -> Entry:
         adapter.name = name
         self.bank.check(adapter)
-        entry = Entry(name=name, version=1, path=path, variant=adapter.variant,
-                      rank=adapter.max_rank if adapter.modules else 0,
-                      targets=adapter.targets, nbytes=adapter.nbytes(), adapter=adapter,
-                      pinned=pin)
-        self.cache.register(entry, replace)
-        if pin:
-            self.cache.want(entry)
-        return AdapterInfo.of(entry)
+        return Entry(name=name, version=1, path=path, variant=adapter.variant,
+                     rank=adapter.max_rank if adapter.modules else 0, targets=adapter.targets,
+                     nbytes=adapter.nbytes(), adapter=adapter, pinned=pin)
 
     def scan(self, directory: str | Path) -> list[str]:
         """Register each adapter directory in `directory` under its directory name."""
@@ -111,16 +142,38 @@ class AdapterStore:
             return [AdapterInfo.of(e) for e in sorted(self.cache.entries.values(),
                                                       key=lambda e: e.name)]
 
+    def metrics(self) -> dict:
+        """Per adapter residency, loads, hits, misses and load times; evictions; host bytes."""
+        cache = self.cache
+        with cache.lock:
+            return dict(adapters={e.name: dict(residency=e.residency, loads=e.loads,
+                                               hits=e.hits, misses=e.misses,
+                                               load_seconds=list(e.load_seconds))
+                                  for e in cache.entries.values()},
+                        adapter_evictions=cache.evictions, host_lora_bytes=cache.host_used)
+
     def __contains__(self, name: str) -> bool:
         return name in self.cache.entries
 
     def adopt(self, bank: AdapterBank) -> None:
         """Register the adapters a model's bank already holds (`jlora.loader.load_adapter`):
-        in place if `bank` is this store's, else to be loaded on demand."""
-        for slot, adapter in sorted(bank.adapters.items()):
-            self.load(adapter.name, adapter)
+        in place if `bank` is this store's, else to be loaded on demand. They were given in
+        memory, so the host budget does not refuse them."""
+        for name, slot in sorted(bank.slots.items(), key=lambda item: item[1]):
+            adapter = bank.adapters.get(slot)
+            if adapter is not None:
+                entry = self._entry(name, adapter, None, False)
+            elif bank is self.bank:   # written straight into the device arrays (benchmarks):
+                # it can never be loaded again, so it never leaves its slot
+                entry = Entry(name=name, version=1, path=None, variant="lora",
+                              rank=bank.max_rank, targets=(), nbytes=0, pinned=True)
+            else:
+                raise ValueError(f"adapter {name!r} of the model's bank has no host copy to "
+                                 "move into the engine's bank; use max_loras=0 to serve the "
+                                 "model's bank as it is")
+            self.cache.register(entry, limits=False)
             if bank is self.bank:
-                self.cache.place(self.cache.get(adapter.name), slot)
+                self.cache.place(entry, slot)
 
     # ------------------------------------------------------------------ step thread
     def commit(self) -> list[tuple[Entry, str]]:
@@ -134,16 +187,34 @@ class AdapterStore:
                 failed.append((entry, error))
             elif self.cache.loaded(entry, seconds):
                 self.bank.put(adapter, slot, data)
-        for entry in [e for e in self.cache.entries.values() if e.pinned and e.slot is None]:
-            self.cache.want(entry)
+        with self.cache.lock:
+            for entry in list(self.cache.unplaced_pins):
+                self.cache.want(entry)
         return failed
 
+    def pending(self) -> bool:
+        """Is there anything for `commit` to do (cheap: called every step)?"""
+        return bool(self._done or self.cache.unplaced_pins)
+
     def warm_up(self) -> None:
-        """Compile the slot write now (serving never compiles): rewrite a slot with what it
-        holds, which changes nothing."""
-        slot = next((s for s in range(1, self.bank.n_slots) if s not in self.bank.adapters), 1)
-        adapter = self.bank.adapters.get(slot, EMPTY)
-        self.bank.put(adapter, slot, self.bank.slot_data(adapter, self.params, slot))
+        """Compile the slot writes now (serving never compiles), one per slot capacity: write
+        into a free slot of each capacity the empty adapter, or rewrite an adapter there."""
+        bank, held = self.bank, set(self.bank.slots.values()) | set(self.bank.adapters)
+        for rank in sorted(set(bank.slot_ranks[1:])):
+            slots = [s for s in range(1, bank.n_slots) if bank.slot_ranks[s] == rank]
+            free = [s for s in slots if s not in held]
+            known = [s for s in slots if s in bank.adapters]
+            if free or known:   # else its slots hold adapters that exist only on the device:
+                # nothing there can be evicted, so nothing will ever be loaded there
+                slot = (free or known)[0]
+                adapter = bank.adapters.get(slot, EMPTY)
+                bank.put(adapter, slot, bank.slot_data(adapter, self.params, slot))
+        if "dora" in bank.features:   # DoRA's scale: one program per target module
+            for target, (n_in, n_out) in target_shapes(bank.cfg).items():
+                mod = ModuleAdapter(a=np.ones((1, n_in), np.float32),
+                                    b=np.ones((n_out, 1), np.float32), scale=1.0,
+                                    m=np.ones(n_out, np.float32))
+                dora_scale(self.params, bank.cfg, 0, target, mod, bank.max_rank)
 
     # ------------------------------------------------------------------ loader thread
     def start(self) -> None:
@@ -170,7 +241,7 @@ class AdapterStore:
 
     def _run(self) -> None:
         while not self._stop:
-            entry = self.cache.next_job(timeout=0.1)
+            entry = self.cache.next_job(timeout=1.0)
             if entry is None:
                 continue
             self._busy = True

@@ -17,37 +17,31 @@ The engine knows nothing about gRPC; requests arrive through `submit` from any t
 
 from __future__ import annotations
 
-import functools
 import itertools
-import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 
-from jlora.bank import AdapterBank, slot_bytes
-from jlora.config import ModelConfig
 from jlora.generate import Prompt, encode_prompt
 from jlora.loader import Model
-from jlora.model import LoraContext, Params, logits
-from jlora.paged import PagedBatch, PagedKV, forward_paged, init_pages
-from jlora.sampling import SamplingArrays, SamplingParams, sample, seed_key
+from jlora.paged import init_pages
+from jlora.sampling import SamplingParams, seed_key
 from jlora.tokenizer import IncrementalDecoder
 from pallas_kernels import default_impl
-from pallas_kernels.lora import LoraBatch
 from serving import sharding
 from serving.adapter_cache import AdapterCache, UnknownAdapter
-from serving.adapter_store import AdapterStore
+from serving.adapter_store import AdapterStore, make_bank
 from serving.fairness import FairShare
 from serving.kv_cache import PageAllocator
 from serving.metrics import EngineMetrics
 from serving.request import Request, RequestOutput, RequestStream, Status
 from serving.scheduler import Plan, Scheduler, SchedulerConfig
+from serving.step import StepBatch, engine_step, make_batch, pack
 
 
 class QueueFull(Exception):
@@ -76,6 +70,8 @@ class EngineConfig:
     max_loras: int = 0
     max_lora_rank: int = 64
     lora_memory_gb: float = 0.0
+    lora_slot_ranks: tuple[int, ...] = ()   # each slot's rank capacity, instead of max_loras
+                                            # slots of max_lora_rank: small ones cost less
     host_lora_gb: float = 8.0     # host memory for adapters off the GPU (LRU by bytes)
     adapter_dir: str = ""         # register every adapter directory in it at start-up
     policy: str = "vtc"           # admission order: "vtc" (fair per tenant) or "fcfs"
@@ -102,141 +98,6 @@ class EngineConfig:
                                tuple(prefill))
 
 
-class StepBatch(NamedTuple):
-    """Everything a step reads besides weights and caches (see `make_batch`).
-
-    decode_rows [Bd]: the row of last_tokens each decode reads (max_seqs: padding);
-    prefill_tokens [Np]; paged: where tokens go and what they attend to; lora_slots
-    [Bd + Np]; sample_index [Ns]: which of the step's tokens are sampled (Ns = Bd + Np/Q);
-    sample_rows [Ns]: the row each sampled token is stored to (max_seqs: none).
-    """
-
-    decode_rows: jax.Array
-    prefill_tokens: jax.Array
-    paged: PagedBatch
-    lora_slots: jax.Array
-    sample_index: jax.Array
-    sample_rows: jax.Array
-    sampling: SamplingArrays
-
-
-def pack(batch: StepBatch) -> tuple[np.ndarray, tuple]:
-    """The batch as one int32 buffer, so a step costs one host-to-device copy (a copy per
-    array cost milliseconds per step on the GPU), and its static layout for `unpack`."""
-    leaves, treedef = jax.tree.flatten(batch)
-    layout = tuple((x.shape, x.dtype.str) for x in leaves)   # all 4-byte types
-    flat = np.concatenate([np.ascontiguousarray(x).view(np.int32).reshape(-1) for x in leaves])
-    return flat, (treedef, layout)
-
-
-def unpack(flat: jax.Array, layout: tuple) -> StepBatch:
-    treedef, shapes = layout
-    leaves, start = [], 0
-    for shape, dtype in shapes:
-        x = flat[start:start + math.prod(shape)]
-        if np.dtype(dtype) != np.int32:
-            x = jax.lax.bitcast_convert_type(x, np.dtype(dtype))
-        leaves.append(x.reshape(shape))
-        start += math.prod(shape)
-    return jax.tree.unflatten(treedef, leaves)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "impl", "mesh", "layout", "mode"),
-                   donate_argnames=("kv", "last_tokens"))
-def engine_step(params: Params, bank, kv: PagedKV, last_tokens: jax.Array, packed: jax.Array,
-                *, cfg: ModelConfig, impl: str, mesh: Mesh | None = None, layout: tuple,
-                mode: str = "sample"):
-    """One step over all scheduled tokens; returns (kv, last_tokens, out) with out [2, Ns]:
-    the sampled tokens and their logprobs' float32 bits (one array: one copy back).
-    `packed` is the step's `StepBatch` as `pack` made it. With a mesh, the layers run per
-    shard (serving/sharding.py). `mode` is the sampler's ("greedy" when the host knows every
-    row is greedy); the step has no data-dependent branch, so dispatch never waits on it."""
-    batch = unpack(packed, layout)
-    tokens = jnp.concatenate([last_tokens[batch.decode_rows], batch.prefill_tokens])  # [T]
-    n = 1 if mesh is None else mesh.shape[sharding.AXIS]
-    local_cfg, tp_axis = sharding.local_config(cfg, n), None if mesh is None else sharding.AXIS
-
-    def layers(params, bank, kv, tokens, paged, lora_slots):
-        lora = None if bank is None else LoraContext(bank, LoraBatch(token_slots=lora_slots))
-        return forward_paged(params, local_cfg, tokens, kv, paged, impl, lora, tp_axis)
-
-    args = (params, bank, kv, tokens, batch.paged, batch.lora_slots)
-    h, kv = layers(*args) if mesh is None else sharding.shard_layers(layers, mesh, *args)
-    sampled, logprobs = sample(logits(params, cfg, h[batch.sample_index]), batch.sampling, mode)
-    last_tokens = last_tokens.at[batch.sample_rows].set(sampled, mode="drop")
-    return kv, last_tokens, jnp.stack([sampled, jax.lax.bitcast_convert_type(logprobs,
-                                                                             jnp.int32)])
-
-
-def make_batch(plan: Plan, sched: SchedulerConfig,
-               pages: PageAllocator) -> tuple[StepBatch, list[Request | None]]:
-    """The step's batch (numpy) and the request each sampled row belongs to."""
-    Bd, Np, Q, Z = plan.decode_bucket, plan.prefill_bucket, sched.piece, pages.page_size
-    W = pages.pages_for(sched.max_seq_len)
-    NQ, pad_slot, pad_row = Np // Q, pages.num_pages * Z, sched.max_seqs
-    decode_rows = np.full(Bd, pad_row, np.int32)
-    d_pos = np.full(Bd, -1, np.int32)
-    d_tables = np.zeros((Bd, W), np.int32)
-    p_tokens = np.zeros(Np, np.int32)
-    p_pos = np.full(Np, -1, np.int32)
-    p_tables = np.zeros((NQ, W), np.int32)
-    slots = np.full(Bd + Np, pad_slot, np.int32)
-    lora = np.zeros(Bd + Np, np.int32)
-    samples: list[Request | None] = [None] * (Bd + NQ)
-    sample_index = np.zeros(Bd + NQ, np.int32)
-
-    def place(i, r, pos):  # token i of the step is r's token at positions pos
-        table = np.asarray(pages.tables[r], np.int32)
-        slots[i] = table[pos // Z] * Z + pos % Z
-        lora[i] = r.slot
-        return table
-
-    for i, r in enumerate(plan.decodes):
-        decode_rows[i], d_pos[i] = r.row, r.computed - 1
-        table = place(i, r, r.computed - 1)
-        d_tables[i, :len(table)] = table
-        samples[i], sample_index[i] = r, i
-    t, n_sampled = 0, Bd
-    for c in plan.prefills:
-        r, n = c.request, c.length
-        pos = np.arange(c.start, c.start + n)
-        p_tokens[t:t + n] = r.context[c.start:c.start + n]
-        p_pos[t:t + n] = pos
-        table = place(Bd + t + np.arange(n), r, pos)
-        p_tables[t // Q:(t + n - 1) // Q + 1, :len(table)] = table
-        if c.last:
-            samples[n_sampled], sample_index[n_sampled] = r, Bd + t + n - 1
-            n_sampled += 1
-        t += -(-n // Q) * Q
-    live = [r for r in samples if r is not None]
-    counters = [r.num_sampled - 1 for r in live]   # in_flight already counts this token
-    sampling = _sampling_arrays(samples, Bd + NQ)
-    sampling = sampling._replace(counters=_fill(samples, counters, 0, np.int32))
-    rows = _fill(samples, [r.row for r in live], pad_row, np.int32)
-    paged = PagedBatch(slots, d_tables, d_pos, p_tables, p_pos.reshape(NQ, Q))
-    return StepBatch(decode_rows, p_tokens, paged, lora, sample_index, rows, sampling), samples
-
-
-def _fill(samples, values, pad, dtype) -> np.ndarray:
-    out = np.full(len(samples), pad, dtype)
-    out[[i for i, r in enumerate(samples) if r is not None]] = values
-    return out
-
-
-def _sampling_arrays(samples, n) -> SamplingArrays:
-    live = [r for r in samples if r is not None]
-    key_rows = np.zeros((n, 2), np.uint32)
-    for i, r in enumerate(samples):
-        if r is not None:
-            key_rows[i] = r.key
-    p = [r.params for r in live]
-    return SamplingArrays(
-        temperature=_fill(samples, [x.temperature for x in p], 0.0, np.float32),
-        top_p=_fill(samples, [x.top_p for x in p], 1.0, np.float32),
-        top_k=_fill(samples, [x.top_k for x in p], 0, np.int32),
-        keys=key_rows, counters=np.zeros(n, np.int32))
-
-
 class Engine:
     """Continuous batching over a paged KV cache for one model (and its adapter bank).
 
@@ -248,7 +109,7 @@ class Engine:
                  devices=None):
         self.model, self.config, self.clock = model, config, clock
         self.mesh = sharding.make_mesh(config.tp, devices) if config.tp > 1 else None
-        self.bank = self._make_bank()
+        self.bank = make_bank(model, config)
         if self.mesh is not None:
             self._shard_model()
         cfg = model.config
@@ -259,7 +120,8 @@ class Engine:
         self.pages = PageAllocator(num_pages, config.page_size)
         self.adapters, cache = None, None
         if self.bank is not None:
-            cache = AdapterCache(self.bank.n_slots - 1, int(config.host_lora_gb * 1e9))
+            cache = AdapterCache(self.bank.n_slots - 1, int(config.host_lora_gb * 1e9),
+                                 self.bank.slot_ranks[1:])
             self.adapters = AdapterStore(self.bank, model.params, cache)
             if model.bank is not None:
                 self.adapters.adopt(model.bank)
@@ -283,24 +145,6 @@ class Engine:
         self._stop = False
         if self.adapters is not None:
             self.adapters.start()
-
-    def _make_bank(self) -> AdapterBank | None:
-        """The adapter bank: made here with max_loras slots (or as many as lora_memory_gb
-        holds), or the model's own; None serves the base model only."""
-        c, m = self.config, self.model
-        n = c.max_loras
-        if c.lora_memory_gb:
-            if n:
-                raise ValueError(f"give max_loras={n} or lora_memory_gb={c.lora_memory_gb}, "
-                                 "not both")
-            each = slot_bytes(m.config, c.max_lora_rank, m.dtype)
-            n = int(c.lora_memory_gb * 1e9 // each)
-            if n < 1:
-                raise ValueError(f"lora_memory_gb={c.lora_memory_gb} holds no adapter slot of "
-                                 f"rank {c.max_lora_rank} ({each} bytes each)")
-        if n < 0:
-            raise ValueError(f"max_loras={n} must be >= 0")
-        return AdapterBank(m.config, n + 1, c.max_lora_rank, m.dtype) if n else m.bank
 
     def close(self) -> None:
         """Stop the background loop and the adapter loader thread."""
@@ -410,7 +254,7 @@ class Engine:
         """Plan and dispatch one step, then read back the previous one. Returns whether
         any work is left (queued, running or in flight)."""
         t0 = time.perf_counter()
-        if self.adapters is not None:
+        if self.adapters is not None and self.adapters.pending():
             self._commit_adapters()
         with self._lock:
             for r in self._inbox:
@@ -446,7 +290,8 @@ class Engine:
         """Dispatch the finished adapter loads' slot writes; a failed load ends the requests
         waiting for it (running ones never wait for a load)."""
         holders = {r.slot: r.lora for r in self.scheduler.running if r.lora is not None}
-        before = {e.slot: e for e in self.adapters.cache.slots.values() if not e.on_gpu}
+        with self.adapters.cache.lock:
+            before = {e.slot: e for e in self.adapters.cache.slots.values() if not e.on_gpu}
         failed = self.adapters.commit()
         for slot, entry in before.items():   # a slot being written is no running request's
             assert holders.get(slot, entry) is entry, f"slot {slot} overwritten while in use"
@@ -580,13 +425,7 @@ class Engine:
                    waiting_adapters=sorted({r.adapter for r in waiting if r.adapter}),
                    adapters={})
         if self.adapters is not None:
-            cache = self.adapters.cache
-            with cache.lock:
-                out["adapters"] = {e.name: dict(residency=e.residency, loads=e.loads,
-                                                hits=e.hits, misses=e.misses,
-                                                load_seconds=list(e.load_seconds))
-                                   for e in cache.entries.values()}
-                out.update(adapter_evictions=cache.evictions, host_lora_bytes=cache.host_used)
+            out.update(self.adapters.metrics())
         return out
 
     def _update_gauges(self, plan: Plan) -> None:

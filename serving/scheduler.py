@@ -123,7 +123,8 @@ class Scheduler:
         used = 0
         for r in [r for r in self.running if r.prefilling]:
             used += self._chunk(r, budget - used, plan)
-        for r in self.fair.order(list(self.waiting)):
+        room = self.waiting and self._free_rows and used < budget
+        for r in self.fair.order(list(self.waiting)) if room else ():
             if used >= budget or not self._free_rows:
                 break
             if r.in_flight or r in plan.preempted:

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU measurements still owed, for one device call each group (each well under the
+# 10-minute limit of a call). Run on the GPU machine from the repository root:
+#
+#   bash benchmarks/gpu_pending.sh tests adapters       # nvidia-h200, call 1 (~8 min)
+#   bash benchmarks/gpu_pending.sh train server         # nvidia-h200, call 2 (~8 min)
+#   bash benchmarks/gpu_pending.sh tp                   # nvidia-h200-x2, call 3 (~6 min)
+#
+# Each section writes its full log to $OUT/<section>.log (the device tool returns $OUT) and
+# prints its last lines; a section that fails or times out does not stop the others.
+set -uo pipefail
+out=${OUT:-/tmp/jlora-gpu}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+
+run() {   # run NAME SECONDS COMMAND...: log to $out/NAME.log, show the tail
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name: $*"
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    echo "=== $name: exit $?"
+    tail -n 12 "$out/$name.log"
+}
+
+for section in "$@"; do
+    case $section in
+    tests)     # kernels compiled for the GPU, and the engine with them
+        run gpu-tests 300 python -m pytest -q -m gpu tests
+        run paged-attention-tests 240 env JAX_PLATFORMS=cuda python -m pytest -q \
+            tests/pallas_kernels/test_paged_attention.py tests/pallas_kernels/test_lora.py \
+            -k "not lowers" ;;
+    adapters)  # issue 7, acceptance 3: working set 8-512 over 32 slots
+        run bench-adapters 420 python -m benchmarks.bench_adapters --model llama2-7b \
+            --working-set 8 32 128 512 --slots 32 --rank 16 --rate 8 --requests 300 ;;
+    train)     # issue 6, acceptance 5
+        run bench-train-smollm2 200 python -m benchmarks.bench_train --model smollm2-135m \
+            --rank 16 --batch 8 --seq-len 512
+        run bench-train-llama3 260 python -m benchmarks.bench_train --model llama3-8b \
+            --rank 16 --batch 4 --seq-len 512 ;;
+    server)    # issue 8, acceptance 5: gRPC vs in-process, batch-32 Distinct
+        run bench-server 300 python -m benchmarks.bench_server --model llama2-7b ;;
+    tp)        # issue 5, acceptance 5: where the two-GPU engine crashed, then the comparison
+        run diagnose-tp 300 python -m benchmarks.diagnose_tp --tp 2
+        run tp-compare 280 python -m benchmarks.bench_engine --batch --tp-compare 2 ;;
+    *)
+        echo "unknown section $section (tests adapters train server tp)" >&2 ;;
+    esac
+done
