@@ -1,5 +1,6 @@
-"""The `jlora` command line: `generate` (a batch of prompts), `chat` (an interactive session)
-and `train` (fine-tune an adapter: training/cli.py).
+"""The `jlora` command line: `generate` (a batch of prompts, here or on a server), `chat`
+(an interactive session), `train` (fine-tune an adapter: training/cli.py), and `serve` and
+`adapters` (the gRPC server and its adapters: serving/cli.py).
 
 Parses arguments and request files, calls `jlora.generate`, prints. Errors a user can cause
 are printed as one line naming the bad value, with exit status 2; no traceback.
@@ -34,7 +35,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                   help="register an adapter (PEFT or jlora directory); repeatable")
+                   help="register an adapter (PEFT or jlora directory); repeatable. With "
+                        "--server: NAME, an adapter loaded in the server")
     p.add_argument("--use-adapter", metavar="NAME", default=None,
                    help="the adapter the PROMPT arguments run with (default: the base model)")
     p.add_argument("--max-loras", type=int, default=None,
@@ -56,10 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="JSONL file, one request per line: prompt or prompt_token_ids, and "
                           f"any of {', '.join(_SAMPLING_KEYS)}")
     gen.add_argument("prompts", nargs="*", metavar="PROMPT")
+    gen.add_argument("--server", metavar="HOST:PORT", default=None,
+                     help="generate on a jlora server instead of loading the model here")
+    gen.add_argument("--tenant", default="", help="with --server: the tenant to run as")
+    from serving.cli import add_connection_args, add_parsers as add_server_parsers
+    add_connection_args(gen)
     chat = sub.add_parser("chat", help="talk with the model in the terminal")
     _add_model_args(chat)
     from training.cli import add_parser as add_train_parser
     add_train_parser(sub)
+    add_server_parsers(sub)
     return parser
 
 
@@ -139,6 +147,8 @@ def cmd_generate(args) -> int:
         adapters = [args.use_adapter] * len(prompts)
     else:
         raise ValueError("nothing to generate: give a PROMPT or --requests FILE.jsonl")
+    if args.server:
+        return _generate_on_server(args, prompts, params, adapters)
     model = load_model(args.model, args.dtype)
     load_adapters(model, args)
     completions = generate(model, prompts, params, chat=not args.no_chat, adapters=adapters)
@@ -152,6 +162,21 @@ def cmd_generate(args) -> int:
                 print(f"--- request {i} ({c.finish_reason}) ---")
             print(c.text)
     return 0
+
+
+def _generate_on_server(args, prompts, params, adapters) -> int:
+    from serving.cli import generate_remote
+    named = [a for a in args.adapter if "=" in a]
+    if named:
+        raise ValueError(f"--adapter {named[0]!r}: with --server, give the NAME of an adapter "
+                         "loaded in the server (jlora adapters load NAME PATH --server ...)")
+    if len(args.adapter) > 1:
+        raise ValueError(f"--adapter is given {len(args.adapter)} times; with --server give "
+                         "one, or an \"adapter\" per line of --requests")
+    chosen = args.use_adapter or (args.adapter[0] if args.adapter else None)
+    if not args.requests:
+        adapters = [chosen] * len(prompts)
+    return generate_remote(args, prompts, params, adapters)
 
 
 def cmd_chat(args) -> int:
@@ -179,14 +204,20 @@ def cmd_chat(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import grpc
+    from serving import cli as server_cli
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
             from training.cli import cmd_train
             return cmd_train(args)
-        return {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
+        return {"generate": cmd_generate, "chat": cmd_chat, "serve": server_cli.cmd_serve,
+                "adapters": server_cli.cmd_adapters}[args.command](args)
+    except (ValueError, FileNotFoundError, TimeoutError) as e:
         print(f"jlora: error: {e}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as e:
+        print(f"jlora: error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 2
 
 

@@ -4,6 +4,7 @@ The output directory holds the adapter in jlora's native format (adapter.json +
 adapter.safetensors, the one that keeps Tied-LoRA tied) and, for LoRA and DoRA, as PEFT files
 (adapter_config.json + adapter_model.safetensors) beside them: `jlora generate --adapter
 NAME=DIR` and PEFT's `PeftModel.from_pretrained(model, DIR)` both take the directory as it is.
+With `--serve HOST:PORT` the adapter is then loaded into a running jlora server.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint-dir", default=None, help="resume from / save to (orbax)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat", action="store_true", help="no chat template on prompts")
+    p.add_argument("--serve", default=None, metavar="HOST:PORT",
+                   help="then load the adapter into this running jlora server (replacing "
+                        "one of the same name)")
+    from serving.cli import add_connection_args
+    add_connection_args(p)
 
 
 def cmd_train(args) -> int:
@@ -79,4 +85,7 @@ def cmd_train(args) -> int:
                       "train_examples": len(train), "held_out": len(held_out),
                       "final_loss": result.losses[-1] if result.losses else None,
                       "evals": result.evals}))
+    if args.serve:
+        from serving.cli import load_into_server
+        load_into_server(args, name, args.out)
     return 0
