@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,8 +221,9 @@ class AdapterStore:
     def start(self) -> None:
         if self._thread is None:
             self._stop = False
-            self._thread = threading.Thread(target=self._run, name="jlora-adapter-loader",
-                                            daemon=True)
+            self._thread = threading.Thread(target=_run_loader,
+                                            args=(weakref.ref(self), self.cache),
+                                            name="jlora-adapter-loader", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
@@ -239,17 +241,6 @@ class AdapterStore:
                 raise TimeoutError("adapter loads still running")
             time.sleep(0.001)
 
-    def _run(self) -> None:
-        while not self._stop:
-            entry = self.cache.next_job(timeout=1.0)
-            if entry is None:
-                continue
-            self._busy = True
-            try:
-                self._load(entry)
-            finally:
-                self._busy = False
-
     def _load(self, entry: Entry) -> None:
         t0, slot = time.perf_counter(), entry.slot
         adapter = entry.adapter
@@ -264,3 +255,20 @@ class AdapterStore:
                       f"adapter {entry.name!r} failed to load from {entry.path}: {e}")
         with self._done_lock:
             self._done.append(result)
+
+
+def _run_loader(store_ref: weakref.ref, cache: AdapterCache) -> None:
+    """The loader thread: takes reserved slots' jobs and fills them. It holds its store only
+    while loading, so an engine dropped without `close()` is still freed (and this ends)."""
+    while True:
+        entry = cache.next_job(timeout=1.0)
+        store = store_ref()
+        if store is None or store._stop:
+            return
+        if entry is not None:
+            store._busy = True
+            try:
+                store._load(entry)
+            finally:
+                store._busy = False
+        del store
