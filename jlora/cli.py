@@ -204,7 +204,6 @@ def cmd_chat(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import grpc
     from serving import cli as server_cli
     args = build_parser().parse_args(argv)
     try:
@@ -216,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, TimeoutError) as e:
         print(f"jlora: error: {e}", file=sys.stderr)
         return 2
-    except grpc.RpcError as e:
+    except Exception as e:   # a server's refusal; grpc is imported only by server commands
+        grpc = sys.modules.get("grpc")
+        if grpc is None or not isinstance(e, grpc.RpcError):
+            raise
         print(f"jlora: error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 2
 
