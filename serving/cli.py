@@ -54,6 +54,12 @@ def add_parsers(sub) -> None:
                    help="adapter slots on the device (default 8; more may be loaded, and "
                         "wait their turn on the host; 0: the base model only)")
     p.add_argument("--max-lora-rank", type=int, default=64, help="largest rank served")
+    p.add_argument("--adapter-dir", default="", metavar="DIR",
+                   help="register every adapter directory in DIR under its directory name")
+    p.add_argument("--host-lora-gb", type=float, default=8.0,
+                   help="host memory for adapters not on the device (LRU by bytes)")
+    p.add_argument("--policy", choices=("vtc", "fcfs"), default="vtc",
+                   help="admission order: fair per tenant (VTC, default) or first come")
     p.add_argument("--max-seqs", type=int, default=None,
                    help="sequences decoded at once (default: 64 on a GPU, 8 on the CPU)")
     p.add_argument("--max-seq-len", type=int, default=None,
@@ -130,7 +136,8 @@ def build_engine(args, pairs):
     engine = Engine(model, EngineConfig(
         max_seqs=max_seqs, max_seq_len=max_len, prefill_budget=budget,
         kv_memory_gb=args.kv_memory_gb, max_queue=args.max_queue, max_loras=args.max_loras,
-        max_lora_rank=args.max_lora_rank, **buckets))
+        max_lora_rank=args.max_lora_rank, adapter_dir=args.adapter_dir,
+        host_lora_gb=args.host_lora_gb, policy=args.policy, **buckets))
     for name, path in pairs:
         engine.adapters.load(name, path)
     return engine, args.model
