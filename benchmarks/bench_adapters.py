@@ -145,15 +145,21 @@ def main():
     t = time.perf_counter()
     engine = Engine(model, config)
     compile_s = time.perf_counter() - t
-    adapters = shared_adapters(cfg, max(args.working_set), args.rank)
-    for a in adapters:
-        engine.adapters.load(a.name, a)
+    t = time.perf_counter()
+    *adapters, spare = shared_adapters(cfg, max(args.working_set) + 1, args.rank)
+    for a in (*adapters, spare):
+        engine.adapters.load(a.name, a)     # registering packs each for a slot (host work)
+    register_s = time.perf_counter() - t
+    print(f"engine compiled in {compile_s:.1f} s; {len(adapters) + 1} adapters registered in "
+          f"{register_s:.1f} s", flush=True)
     rec = Recorder(engine)
-    engine.generate([[5] * 20], SamplingParams(max_tokens=4))   # warm the loop
     engine.start()
+    # warm the loop and the load path (first load, first step with an adapter) off the clock,
+    # with an adapter outside every working set
+    engine.submit([5] * 20, SamplingParams(max_tokens=4), adapter=spare.name).result()
     report = dict(bench="adapters", device=device.device_kind, jax=jax.__version__,
                   model=cfg.name, slots=args.slots, rank=args.rank, rate=args.rate,
-                  compile_s=compile_s, runs=[])
+                  compile_s=compile_s, register_s=register_s, runs=[])
     for i, w in enumerate(args.working_set):
         r = run(engine, rec, [a.name for a in adapters[:w]], args.rate, args.requests,
                 args.max_len, seed=i)
@@ -171,10 +177,15 @@ def main():
     report["targets"] = dict(
         itl_p99_loading_over_quiet=max((x["itl_loading_s"]["p99"] / x["itl_quiet_s"]["p99"]
                                         for x in loading), default=None),
+        # the same question across runs: every gap at the largest working set (loads all the
+        # time) against the smallest's (its few loads come first)
+        itl_p99_largest_over_smallest=runs[-1]["itl_s"]["p99"] / runs[0]["itl_s"]["p99"],
         ttft_p50_largest_over_smallest=runs[-1]["ttft_s"]["p50"] / runs[0]["ttft_s"]["p50"])
-    print(f"targets: ITL p99 loading/quiet {report['targets']['itl_p99_loading_over_quiet']} "
-          f"(<= 1.10), TTFT p50 W={runs[-1]['working_set']} / W={runs[0]['working_set']} "
-          f"{report['targets']['ttft_p50_largest_over_smallest']:.2f} (<= 3)")
+    tg = report["targets"]
+    print(f"targets: ITL p99 loading/quiet {tg['itl_p99_loading_over_quiet']} (<= 1.10); "
+          f"ITL p99 W={runs[-1]['working_set']} / W={runs[0]['working_set']} "
+          f"{tg['itl_p99_largest_over_smallest']:.2f}; TTFT p50 W={runs[-1]['working_set']} / "
+          f"W={runs[0]['working_set']} {tg['ttft_p50_largest_over_smallest']:.2f} (<= 3)")
     print(json.dumps(report))
 
 

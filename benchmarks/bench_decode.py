@@ -85,22 +85,19 @@ def random_bank(cfg, n_adapters: int, rank: int, dtype, key) -> AdapterBank:
     fill = lambda x: (0.02 * jax.random.normal(next(keys), x.shape, jnp.float32)  # noqa: E731
                       ).astype(x.dtype)
     pools = {g: (fill(a), tuple(fill(b) for b in bs)) for g, (a, bs) in bank.arrays.pools.items()}
-    tables = []
-    for layer in range(L):
-        per_group = {}
-        for group, targets in GROUPS.items():
-            M = len(targets)
-            a_start = np.zeros((M, S), np.int32)
-            b_start = np.zeros((M, S), np.int32)
-            for m in range(M):
-                for s in range(1, S):
-                    a_start[m, s], b_start[m, s] = bank.slot_rows(M, s, layer, m)
-            rank_t = np.full((M, S), R, np.int32)
-            rank_t[:, 0] = 0
-            per_group[group] = dict(a_start=jnp.asarray(a_start), b_start=jnp.asarray(b_start),
-                                    rank=jnp.asarray(rank_t),
-                                    scale=jnp.full((M, S), 0.5, jnp.float32))
-        tables.append(per_group)
+    tables = {}
+    for group, targets in GROUPS.items():
+        M = len(targets)
+        a_start = np.zeros((L, M, S), np.int32)
+        b_start = np.zeros((L, M, S), np.int32)
+        for layer, m, s in np.ndindex(L, M, S - 1):
+            a_start[layer, m, s + 1], b_start[layer, m, s + 1] = \
+                bank.slot_rows(M, s + 1, layer, m)
+        rank_t = np.full((L, M, S), R, np.int32)
+        rank_t[:, :, 0] = 0
+        tables[group] = dict(a_start=jnp.asarray(a_start), b_start=jnp.asarray(b_start),
+                             rank=jnp.asarray(rank_t),
+                             scale=jnp.full((L, M, S), 0.5, jnp.float32))
     bank.arrays = BankArrays(pools=pools, tables=tables, max_rank=R)
     bank.slots = {f"random-{s}": s for s in range(1, S)}
     return bank

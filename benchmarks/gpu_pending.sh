@@ -12,6 +12,7 @@ set -uo pipefail
 out=${OUT:-/tmp/jlora-gpu}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}   # the GPU machine's python3 is the one with jax[cuda]
 
 run() {   # run NAME SECONDS COMMAND...: log to $out/NAME.log, show the tail
     local name=$1 limit=$2
@@ -24,23 +25,24 @@ run() {   # run NAME SECONDS COMMAND...: log to $out/NAME.log, show the tail
 
 for section in "$@"; do
     case $section in
-    tests)     # kernels compiled for the GPU, and the engine with them
-        run gpu-tests 300 python -m pytest -q -m gpu tests
-        run paged-attention-tests 240 env JAX_PLATFORMS=cuda python -m pytest -q \
+    tests)     # the gpu-marked tests: kernels compiled for the GPU, and the engine with them
+        run gpu-tests 150 $py -m pytest -q -m gpu tests ;;
+    kernels)   # every paged attention and LoRA kernel test, compiled for the GPU
+        run kernel-tests 240 env JAX_PLATFORMS=cuda $py -m pytest -q \
             tests/pallas_kernels/test_paged_attention.py tests/pallas_kernels/test_lora.py \
             -k "not lowers" ;;
     adapters)  # issue 7, acceptance 3: working set 8-512 over 32 slots
-        run bench-adapters 420 python -m benchmarks.bench_adapters --model llama2-7b \
+        run bench-adapters 400 $py -m benchmarks.bench_adapters --model llama2-7b \
             --working-set 8 32 128 512 --slots 32 --rank 16 --rate 8 --requests 300 ;;
     train)     # issue 6, acceptance 5
-        run bench-train 400 python -m benchmarks.bench_train --model smollm2-135m llama3-8b \
+        run bench-train 400 $py -m benchmarks.bench_train --model smollm2-135m llama3-8b \
             --rank 16 --batch 8 --seq-len 512 ;;
     server)    # issue 8, acceptance 5: gRPC vs in-process, batch-32 Distinct
-        run bench-server 300 python -m benchmarks.bench_server --model llama2-7b ;;
+        run bench-server 300 $py -m benchmarks.bench_server --model llama2-7b ;;
     tp)        # issue 5, acceptance 5: where the two-GPU engine crashed, then the comparison
-        run diagnose-tp 300 python -m benchmarks.diagnose_tp --tp 2
-        run tp-compare 280 python -m benchmarks.bench_engine --batch --tp-compare 2 ;;
+        run diagnose-tp 300 $py -m benchmarks.diagnose_tp --tp 2
+        run tp-compare 280 $py -m benchmarks.bench_engine --batch --tp-compare 2 ;;
     *)
-        echo "unknown section $section (tests adapters train server tp)" >&2 ;;
+        echo "unknown section $section (tests kernels adapters train server tp)" >&2 ;;
     esac
 done

@@ -39,8 +39,10 @@ EMPTY = Adapter(name="", variant="lora", modules={})   # what an unused slot hol
                    data_fields=["pools", "tables"], meta_fields=["max_rank"])
 @dataclass(frozen=True)
 class BankArrays:
-    """Device arrays: pools[group] = (A [Pa, D_in], (B_m [Pb, N_m], ...)); tables[layer][group]
-    = dict of a_start, b_start, rank, scale [M, S] and optional u [M, S, R], w, g (M x [S, N])."""
+    """Device arrays: pools[group] = (A [Pa, D_in], (B_m [Pb, N_m], ...)); tables[group] = dict
+    of a_start, b_start, rank, scale [L, M, S] and optional u [L, M, S, R], w, g (M x [L, S, N]),
+    stacked over layers so the whole bank is a few dozen arrays (each jitted call that takes
+    it flattens every leaf on the host: per-layer tables made that 1,099 leaves)."""
 
     pools: dict
     tables: list
@@ -48,10 +50,12 @@ class BankArrays:
 
     def weights(self, layer: int, group: str) -> LoraWeights:
         a, b = self.pools[group]
-        t = self.tables[layer][group]
-        return LoraWeights(a=a, b=b, a_start=t["a_start"], b_start=t["b_start"],
-                           rank=t["rank"], scale=t["scale"], u=t.get("u"), w=t.get("w"),
-                           g=t.get("g"), max_rank=self.max_rank)
+        t = self.tables[group]
+        vectors = {k: tuple(x[layer] for x in t[k]) if k in t else None for k in ("w", "g")}
+        return LoraWeights(a=a, b=b, a_start=t["a_start"][layer], b_start=t["b_start"][layer],
+                           rank=t["rank"][layer], scale=t["scale"][layer],
+                           u=t["u"][layer] if "u" in t else None, **vectors,
+                           max_rank=self.max_rank)
 
 
 class AdapterBank:
@@ -80,7 +84,7 @@ class AdapterBank:
         shapes = target_shapes(cfg)
         L, S, rows = cfg.n_layers, n_slots, int(self._rows[-1])
         Rv = v_width(max_rank)
-        pools, tables = {}, [{} for _ in range(L)]
+        pools, tables = {}, {}
         for group, targets in GROUPS.items():
             M = len(targets)
             d_in = shapes[targets[0]][0]
@@ -88,16 +92,15 @@ class AdapterBank:
             a = jnp.zeros((rows * L * M + POOL_SLACK_ROWS, d_in), dtype)
             b = tuple(jnp.zeros((rows * L + POOL_SLACK_ROWS, n), dtype) for n in widths)
             pools[group] = (a, b)
-            for layer in range(L):
-                t = dict(a_start=jnp.zeros((M, S), jnp.int32),
-                         b_start=jnp.zeros((M, S), jnp.int32),
-                         rank=jnp.zeros((M, S), jnp.int32), scale=jnp.zeros((M, S), jnp.float32))
-                if "tied" in self.features:
-                    t["u"] = jnp.ones((M, S, Rv), jnp.float32)
-                    t["w"] = tuple(jnp.ones((S, n), jnp.float32) for n in widths)
-                if "dora" in self.features:
-                    t["g"] = tuple(jnp.ones((S, n), jnp.float32) for n in widths)
-                tables[layer][group] = t
+            t = dict(a_start=jnp.zeros((L, M, S), jnp.int32),
+                     b_start=jnp.zeros((L, M, S), jnp.int32),
+                     rank=jnp.zeros((L, M, S), jnp.int32), scale=jnp.zeros((L, M, S), jnp.float32))
+            if "tied" in self.features:
+                t["u"] = jnp.ones((L, M, S, Rv), jnp.float32)
+                t["w"] = tuple(jnp.ones((L, S, n), jnp.float32) for n in widths)
+            if "dora" in self.features:
+                t["g"] = tuple(jnp.ones((L, S, n), jnp.float32) for n in widths)
+            tables[group] = t
         self.arrays = BankArrays(pools=pools, tables=tables, max_rank=max_rank)
 
     # ------------------------------------------------------------------ host bookkeeping
@@ -126,8 +129,8 @@ class AdapterBank:
         Slot s owns L*M*R_s rows of the group's A pool and L*R_s of each B pool; a Tied-LoRA
         adapter uses its layer-0 rows for every layer."""
         L, R, base = self.cfg.n_layers, self.slot_ranks[slot], int(self._rows[slot - 1])
-        layer = 0 if tied else layer
-        return base * L * M + (layer * M + m) * R, base * L + layer * R
+        a, b = _rows_in_slot(M, R, 0 if tied else layer, m)
+        return base * L * M + a, base * L + b
 
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self.arrays))
@@ -173,15 +176,15 @@ class AdapterBank:
         slot = self.slot_of(name)
         self.put(EMPTY, slot, self.slot_data(EMPTY, None, slot))
 
-    def slot_data(self, adapter: Adapter, params, slot: int) -> dict:
-        """Device arrays for slot `slot`: its pool row ranges and its table column, built on
-        the host in a few arrays (tables stacked over layers) and copied in one transfer;
-        the step's arrays are not touched."""
+    def pack(self, adapter: Adapter, params, capacity: int) -> "Packed":
+        """`adapter` laid out on the host for a slot of rank capacity `capacity`: the casts to
+        the bank's dtype, B's transposes and the DoRA scales, which are most of a load's host
+        work, done once (the adapter cache keeps the result with its host copy)."""
         self.check(adapter)
-        cfg, L, R = self.cfg, self.cfg.n_layers, self.slot_ranks[slot]
+        cfg, L, R = self.cfg, self.cfg.n_layers, capacity
         if adapter.modules and adapter.max_rank > R:
-            raise ValueError(f"adapter {adapter.name!r} has rank {adapter.max_rank}; slot "
-                             f"{slot} holds ranks up to {R}")
+            raise ValueError(f"adapter {adapter.name!r} has rank {adapter.max_rank}; a slot "
+                             f"of capacity {R} cannot hold it")
         shapes, dtype = target_shapes(cfg), np.dtype(self.dtype)
         tied = adapter.variant == "tied"
         pools, tables = {}, {}
@@ -189,7 +192,6 @@ class AdapterBank:
             M, widths = len(targets), [shapes[t][1] for t in targets]
             a_rows = np.zeros((L * M * R, shapes[targets[0]][0]), dtype)
             b_rows = [np.zeros((L * R, n), dtype) for n in widths]
-            a_base, b_base = self.slot_rows(M, slot, 0, 0)
             t = {k: np.zeros((L, M), np.int32) for k in ("a_start", "b_start", "rank")}
             t["scale"] = np.zeros((L, M), np.float32)
             t["u"] = np.ones((L, M, v_width(self.max_rank)), np.float32)
@@ -200,9 +202,10 @@ class AdapterBank:
                 if mod is None:
                     continue
                 r = mod.rank
-                a_start, b_start = self.slot_rows(M, slot, layer, m, tied)
-                a_rows[a_start - a_base:a_start - a_base + r] = mod.a
-                b_rows[m][b_start - b_base:b_start - b_base + r] = mod.b.T
+                a_start, b_start = _rows_in_slot(M, R, 0 if tied else layer, m)
+                a_rows[a_start:a_start + r] = mod.a
+                # transpose first: a cast reading B's columns in place is 5x slower
+                b_rows[m][b_start:b_start + r] = np.ascontiguousarray(mod.b.T)
                 t["a_start"][layer, m], t["b_start"][layer, m] = a_start, b_start
                 t["rank"][layer, m], t["scale"][layer, m] = r, mod.scale
                 if mod.u is not None:
@@ -216,34 +219,70 @@ class AdapterBank:
                 if feature not in self.features:
                     for k in keys:
                         del t[k]
-            pools[group], tables[group] = (a_rows, a_base, tuple(b_rows), b_base), t
+            pools[group], tables[group] = (a_rows, tuple(b_rows)), t
+        return Packed(capacity=R, pools=pools, tables=tables)
+
+    def slot_data(self, adapter: Adapter, params, slot: int,
+                  packed: "Packed | None" = None) -> dict:
+        """Device arrays for slot `slot`: its pool row ranges and its table column (tables
+        stacked over layers), copied in one transfer; the step's arrays are not touched.
+        `packed` is `pack(adapter, params, capacity of slot)` if already made."""
+        R = self.slot_ranks[slot]
+        if packed is None or packed.capacity != R:
+            packed = self.pack(adapter, params, R)
+        pools, tables = {}, {}
+        for group, targets in GROUPS.items():
+            a_base, b_base = self.slot_rows(len(targets), slot, 0, 0)
+            a_rows, b_rows = packed.pools[group]
+            t = dict(packed.tables[group])
+            on = t["rank"] > 0   # a module the adapter lacks keeps start 0 (and rank 0)
+            t["a_start"] = np.where(on, t["a_start"] + a_base, 0).astype(np.int32)
+            t["b_start"] = np.where(on, t["b_start"] + b_base, 0).astype(np.int32)
+            pools[group], tables[group] = (a_rows, a_base, b_rows, b_base), t
         return jax.device_put({"pools": pools, "tables": tables})
+
+
+@dataclass(frozen=True)
+class Packed:
+    """One adapter's slot contents on the host, for slots of rank capacity `capacity`: pools
+    [group] = (A rows [L*M*R, D_in], (B_m rows [L*R, N_m], ...)) in the bank's dtype; tables
+    [group] as the bank's column of a slot, [L, ...], with starts counted from the slot's own
+    first rows (`AdapterBank.slot_data` adds the slot's offsets)."""
+
+    capacity: int
+    pools: dict
+    tables: dict
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in jax.tree.leaves((self.pools, self.tables)))
+
+
+def _rows_in_slot(M: int, R: int, layer: int, m: int) -> tuple[int, int]:
+    """A-pool and B-pool rows of module m (of M) at `layer`, counted from a slot's first."""
+    return (layer * M + m) * R, layer * R
 
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _write_slot(arrays: BankArrays, slot: jax.Array, data: dict) -> BankArrays:
     """Write one slot's rows and table column in place (one program per slot capacity).
-    data["tables"][group][key] is stacked over layers: [L, ...]."""
+    data["tables"][group][key] is stacked over layers like the bank's: [L, ...]."""
     pools = {}
     for group, (a, b) in arrays.pools.items():
         rows_a, a_base, rows_b, b_base = data["pools"][group]
         a = jax.lax.dynamic_update_slice(a, rows_a, (a_base, 0))
         b = tuple(jax.lax.dynamic_update_slice(bm, rb, (b_base, 0)) for bm, rb in zip(b, rows_b))
         pools[group] = (a, b)
-    tables = []
-    for layer, layer_tables in enumerate(arrays.tables):
-        new = {}
-        for group, t in layer_tables.items():
-            d = data["tables"][group]
-            n = {k: t[k].at[:, slot].set(d[k][layer])
-                 for k in ("a_start", "b_start", "rank", "scale")}
-            if "u" in t:
-                n["u"] = t["u"].at[:, slot].set(d["u"][layer])
-                n["w"] = tuple(x.at[slot].set(y[layer]) for x, y in zip(t["w"], d["w"]))
-            if "g" in t:
-                n["g"] = tuple(x.at[slot].set(y[layer]) for x, y in zip(t["g"], d["g"]))
-            new[group] = n
-        tables.append(new)
+    tables = {}
+    for group, t in arrays.tables.items():
+        d = data["tables"][group]
+        n = {k: t[k].at[:, :, slot].set(d[k]) for k in ("a_start", "b_start", "rank", "scale")}
+        if "u" in t:
+            n["u"] = t["u"].at[:, :, slot].set(d["u"])
+            n["w"] = tuple(x.at[:, slot].set(y) for x, y in zip(t["w"], d["w"]))
+        if "g" in t:
+            n["g"] = tuple(x.at[:, slot].set(y) for x, y in zip(t["g"], d["g"]))
+        tables[group] = n
     return BankArrays(pools=pools, tables=tables, max_rank=arrays.max_rank)
 
 

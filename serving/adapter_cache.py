@@ -2,7 +2,8 @@
 
 Tiers, coldest first:
   disk     registered with a directory; nothing in memory;
-  host     its `Adapter` (numpy arrays) is in host memory: LRU by bytes within `host_bytes`
+  host     its `Adapter` (numpy arrays), and its rows packed for a slot, are in host memory:
+           LRU by bytes within `host_bytes`
            (one registered from memory, with no directory, can never leave this tier);
   loading  a GPU slot is reserved and the engine's loader thread is filling it;
   gpu      written into a slot of the bank: requests using it can run.
@@ -42,8 +43,9 @@ class Entry:
     variant: str
     rank: int
     targets: tuple[str, ...]
-    nbytes: int                 # host bytes of its arrays
+    nbytes: int                 # host bytes of its host copy (adapter and packed)
     adapter: object = None      # host copy (jlora.adapters.Adapter), or None (on disk only)
+    packed: object = None       # with it, its slot-ready rows (jlora.bank.Packed), or None
     slot: int | None = None
     on_gpu: bool = False        # slot written (False with a slot: loading)
     pinned: bool = False
@@ -116,7 +118,7 @@ class AdapterCache:
                 self._retire(old)
             self.entries[entry.name] = entry
             if entry.adapter is not None:
-                self._keep(entry, entry.adapter)
+                self._keep(entry, entry.adapter, entry.packed)
             if entry.pinned and entry.slot is None:
                 self.unplaced_pins.add(entry)
 
@@ -148,7 +150,7 @@ class AdapterCache:
         if entry.registered or entry.bound or entry.users or (entry.slot and not entry.on_gpu):
             return
         self._free_slot(entry)
-        entry.adapter = None
+        entry.adapter = entry.packed = None
         self.retired.remove(entry)
 
     # ------------------------------------------------------------------ requests
@@ -274,10 +276,11 @@ class AdapterCache:
         with self.lock:
             self.lock.notify_all()
 
-    def keep_host(self, entry: Entry, adapter) -> None:
-        """The loader read `adapter` from disk: keep it in the host tier (LRU by bytes)."""
+    def keep_host(self, entry: Entry, adapter, packed=None) -> None:
+        """The loader read `adapter` from disk (and packed it): keep it in the host tier (LRU
+        by bytes)."""
         with self.lock:
-            self._keep(entry, adapter)
+            self._keep(entry, adapter, packed)
 
     def loaded(self, entry: Entry, seconds: float) -> bool:
         """The slot is written; returns False if nobody needs it any more (slot freed)."""
@@ -306,8 +309,8 @@ class AdapterCache:
         with self.lock:
             return sum(e.nbytes for e in self._host_entries())
 
-    def _keep(self, entry: Entry, adapter) -> None:
-        entry.adapter = adapter
+    def _keep(self, entry: Entry, adapter, packed=None) -> None:
+        entry.adapter, entry.packed = adapter, packed
         self._tick += 1
         entry.host_used = self._tick
         over = self.host_used - self.host_bytes
@@ -315,5 +318,5 @@ class AdapterCache:
             if over <= 0:
                 break
             if e is not entry and e.path is not None:
-                e.adapter = None
+                e.adapter = e.packed = None
                 over -= e.nbytes

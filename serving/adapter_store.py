@@ -115,9 +115,14 @@ class AdapterStore:
     def _entry(self, name: str, adapter: Adapter, path: Path | None, pin: bool) -> Entry:
         adapter.name = name
         self.bank.check(adapter)
-        return Entry(name=name, version=1, path=path, variant=adapter.variant,
-                     rank=adapter.max_rank if adapter.modules else 0, targets=adapter.targets,
-                     nbytes=adapter.nbytes(), adapter=adapter, pinned=pin)
+        rank = adapter.max_rank if adapter.modules else 0
+        # packed now, on the caller's thread, for the least slot capacity that holds it (the
+        # slot it will get unless only larger ones are free): a load is then a copy
+        capacity = min(c for c in self.bank.slot_ranks[1:] if c >= max(rank, 1))
+        packed = self.bank.pack(adapter, self.params, capacity)
+        return Entry(name=name, version=1, path=path, variant=adapter.variant, rank=rank,
+                     targets=adapter.targets, nbytes=adapter.nbytes() + packed.nbytes,
+                     adapter=adapter, packed=packed, pinned=pin)
 
     def scan(self, directory: str | Path) -> list[str]:
         """Register each adapter directory in `directory` under its directory name."""
@@ -243,12 +248,14 @@ class AdapterStore:
 
     def _load(self, entry: Entry) -> None:
         t0, slot = time.perf_counter(), entry.slot
-        adapter = entry.adapter
+        adapter, packed = entry.adapter, entry.packed
         try:
             if adapter is None:
                 adapter = read_adapter(entry.path, self.bank.cfg.n_layers, entry.name)
-                self.cache.keep_host(entry, adapter)
-            data = jax.block_until_ready(self.bank.slot_data(adapter, self.params, slot))
+                packed = self.bank.pack(adapter, self.params, self.bank.slot_ranks[slot])
+                self.cache.keep_host(entry, adapter, packed)
+            data = jax.block_until_ready(self.bank.slot_data(adapter, self.params, slot,
+                                                             packed))
             result = (entry, slot, adapter, data, time.perf_counter() - t0, None)
         except Exception as e:   # a file changed or broke since it was registered
             result = (entry, slot, None, None, 0.0,

@@ -87,13 +87,11 @@ def bank_specs(bank: BankArrays) -> BankArrays:
     for group, (a, bs) in bank.pools.items():
         col = group in COLUMN_GROUPS
         pools[group] = (P() if col else split_cols, tuple(split_cols if col else P() for _ in bs))
-    tables = []
-    for layer in bank.tables:
-        tables.append({})
-        for group, t in layer.items():
-            out = split_cols if group in COLUMN_GROUPS else P()
-            tables[-1][group] = {k: tuple(out for _ in v) if k in ("w", "g") else P()
-                                 for k, v in t.items()}
+    tables = {}
+    for group, t in bank.tables.items():   # w, g: [L, S, N] split by N for column groups
+        out = P(None, None, AXIS) if group in COLUMN_GROUPS else P()
+        tables[group] = {k: tuple(out for _ in v) if k in ("w", "g") else P()
+                         for k, v in t.items()}
     return BankArrays(pools=pools, tables=tables, max_rank=bank.max_rank)
 
 
