@@ -2,7 +2,7 @@
 # The GPU measurements still owed, for one device call each group (each well under the
 # 10-minute limit of a call). Run on the GPU machine from the repository root:
 #
-#   bash benchmarks/gpu_pending.sh tests adapters       # nvidia-h200, call 1 (~8 min)
+#   bash benchmarks/gpu_pending.sh tests adapters       # nvidia-h200, call 1 (~6 min)
 #   bash benchmarks/gpu_pending.sh train server         # nvidia-h200, call 2 (~8 min)
 #   bash benchmarks/gpu_pending.sh tp                   # nvidia-h200-x2, call 3 (~6 min)
 #
