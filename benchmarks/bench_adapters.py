@@ -141,7 +141,7 @@ def main():
     config = EngineConfig(max_seqs=args.max_seqs, page_size=16, num_pages=pages,
                           prefill_budget=512, decode_buckets=tuple(sorted({0, 16, args.max_seqs})),
                           prefill_buckets=(0, 128, 512), impl=impl, max_loras=args.slots,
-                          max_lora_rank=args.rank, host_lora_gb=1e6)
+                          max_lora_rank=args.rank, host_lora_gb=1e6, freeze_gc=True)
     t = time.perf_counter()
     engine = Engine(model, config)
     compile_s = time.perf_counter() - t

@@ -91,7 +91,7 @@ def build_engine(args):
     engine = Engine(model, EngineConfig(
         max_seqs=args.batch, max_seq_len=length, prefill_budget=args.prefill_budget,
         num_pages=args.batch * -(-length // 16) + 1, max_queue=4 * args.batch,
-        max_loras=args.batch, max_lora_rank=args.rank, host_lora_gb=1e3, **buckets))
+        max_loras=args.batch, max_lora_rank=args.rank, host_lora_gb=1e3, freeze_gc=True, **buckets))
     rng = np.random.default_rng(1)
     modules = {}   # one set of random weights, shared: each adapter still has its own slot
     for layer in range(cfg.n_layers):

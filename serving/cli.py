@@ -137,7 +137,7 @@ def build_engine(args, pairs):
         max_seqs=max_seqs, max_seq_len=max_len, prefill_budget=budget,
         kv_memory_gb=args.kv_memory_gb, max_queue=args.max_queue, max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank, adapter_dir=args.adapter_dir,
-        host_lora_gb=args.host_lora_gb, policy=args.policy, **buckets))
+        host_lora_gb=args.host_lora_gb, policy=args.policy, freeze_gc=True, **buckets))
     for name, path in pairs:
         engine.adapters.load(name, path)
     return engine, args.model

@@ -17,6 +17,7 @@ The engine knows nothing about gRPC; requests arrive through `submit` from any t
 
 from __future__ import annotations
 
+import gc
 import itertools
 import threading
 import time
@@ -76,6 +77,11 @@ class EngineConfig:
     adapter_dir: str = ""         # register every adapter directory in it at start-up
     policy: str = "vtc"           # admission order: "vtc" (fair per tenant) or "fcfs"
     tenant_weights: tuple[tuple[str, float], ...] = ()   # VTC weights, default 1
+    # start() collects garbage and freezes the heap built so far (compiled programs, adapters
+    # registered at start-up: hundreds of thousands of objects) out of Python's cyclic GC,
+    # whose full collections otherwise stall both threads for 100+ ms. Process-wide, so off
+    # unless the engine owns the process (`jlora serve` turns it on).
+    freeze_gc: bool = False
 
     def scheduler_config(self, max_seq_len: int) -> SchedulerConfig:
         def pow2s(lo, hi):  # lo, 4 lo, 16 lo, ... below hi: padding rows cost little on a
@@ -441,6 +447,9 @@ class Engine:
         if self._thread is not None:
             raise RuntimeError("the engine is already running")
         self._stop = False
+        if self.config.freeze_gc:
+            gc.collect()
+            gc.freeze()
         self._thread = threading.Thread(target=self._loop, name="jlora-engine", daemon=True)
         self._thread.start()
 
