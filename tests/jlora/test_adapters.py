@@ -15,8 +15,8 @@ from jlora.loader import load_adapter, load_model
 from jlora.merge import merge
 from jlora.model import full_logits
 from jlora.sampling import SamplingParams
-from tests.helpers import (hf_logprobs, make_hf_model, make_peft_adapter, random_tied_adapter,
-                           save_hf_model)
+from tests.helpers import (hf_logprobs, make_hf_model, make_peft_adapter, random_lora_adapter,
+                           random_tied_adapter, save_hf_model)
 
 TOL = 1e-3   # max |d logprob| in float32 (the issue's bound)
 TOKENS = np.random.default_rng(1).integers(0, 160, (2, 32)).astype(np.int32)
@@ -274,3 +274,36 @@ def test_pallas_kernels_in_the_model_equal_xla(base_dirs, tmp_path):
     for x, p in zip(xla, pallas):
         assert x.token_ids == p.token_ids
         np.testing.assert_allclose(x.logprobs, p.logprobs, rtol=1e-4, atol=1e-4)
+
+
+def test_bank_is_a_few_arrays_whatever_the_depth():
+    """Every jitted call that takes the bank flattens its leaves on the host (a slot write,
+    each decode step): tables are stacked over layers, so deeper models add no leaves."""
+    from jlora.bank import AdapterBank
+    from jlora.config import preset
+    leaves = [len(jax.tree.leaves(AdapterBank(preset("tiny").replace(n_layers=n), 3, 8,
+                                              jnp.float32).arrays)) for n in (2, 6)]
+    assert leaves[0] == leaves[1] <= 50
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "tied"])
+def test_slot_data_from_packed_rows_equals_building_it(variant):
+    """A load copies rows packed at registration: they give the slot contents a load
+    builds from the adapter itself, in any slot of that capacity (offsets added per slot),
+    and a slot of another capacity repacks."""
+    from jlora.bank import AdapterBank
+    from jlora.config import preset
+    from jlora.model import init_params
+    cfg = preset("tiny")
+    params = init_params(cfg, jax.random.key(0), jnp.float32)
+    bank = AdapterBank(cfg, 5, 8, jnp.float32, slot_ranks=(4, 8, 8, 4))
+    adapter = (random_tied_adapter(cfg, "t", 4, seed=1) if variant == "tied" else
+               random_lora_adapter(cfg, "a", 4, seed=1, variant=variant, targets=("q", "o", "up")))
+    packed = bank.pack(adapter, params, 8)
+    for slot in (2, 3, 4):   # capacities 8, 8 and 4 (4: packed for 8, so packed again)
+        direct = bank.slot_data(adapter, params, slot)
+        via = bank.slot_data(adapter, params, slot, packed)
+        for x, y in zip(jax.tree.leaves(direct), jax.tree.leaves(via), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    starts = bank.slot_data(adapter, params, 3, packed)["tables"]["qkv"]["a_start"]
+    assert int(np.asarray(starts)[0, 0]) == bank.slot_rows(3, 3, 0, 0, variant == "tied")[0]
