@@ -1,20 +1,21 @@
 """The adapter bank: a fixed set of device slots holding adapters in the kernels' row pools.
 
 Per projection group (qkv, o, gate_up, down) the bank owns one A pool and one B pool per
-module (`pallas_kernels.lora.LoraWeights` layout), shared by all layers, plus per-layer
-tables (start rows, ranks, scales, and the Tied-LoRA / DoRA vectors). Slot s owns a fixed
-range of pool rows, its rank capacity R_s rows per module and layer (max_rank unless
+module (`pallas_kernels.lora.LoraWeights` layout), shared by all layers, plus tables stacked
+over layers (start rows, ranks, scales, and the Tied-LoRA / DoRA vectors). Slot s owns a
+fixed range of pool rows, its rank capacity R_s rows per module and layer (max_rank unless
 `slot_ranks` sets each slot's; slots of small capacity cost proportionally less memory), so
 loading an adapter is an in-place write of that range and of column s of the tables: shapes
 never change, so the jitted step never recompiles. A Tied-LoRA adapter writes its shared A
 and B once and points every layer at them; a rank-8 adapter in a slot of capacity 64 is
-read and computed at rank 8. Slot 0 is the base model (rank 0 everywhere). DoRA's g = m / ||W + s BA|| is
-computed once, at load, against the base weights.
+read and computed at rank 8. Slot 0 is the base model (rank 0 everywhere). DoRA's
+g = m / ||W + s BA|| is computed once, when the adapter is packed, against the base weights.
 
 The bank holds device arrays and the name -> slot map; which adapters to keep resident is
 the caller's policy (serving/adapter_cache.py). `load` is one call; the serving engine splits
-it in two, `slot_data` (host work and the host-to-device copy, on its loader thread) and
-`put` (the in-place write, on its step thread). It does not read files.
+it in three: `pack` (the host work, once per adapter, kept in its host tier), `slot_data`
+(the slot's offsets and the host-to-device copy, on its loader thread) and `put` (the
+in-place write, on its step thread). It does not read files.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class BankArrays:
     it flattens every leaf on the host: per-layer tables made that 1,099 leaves)."""
 
     pools: dict
-    tables: list
+    tables: dict
     max_rank: int
 
     def weights(self, layer: int, group: str) -> LoraWeights:
