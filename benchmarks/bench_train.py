@@ -30,6 +30,7 @@ scratch), labelled as such. The last line of stdout is one JSON document.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -75,9 +76,10 @@ def setup(cfg: ModelConfig, spec: AdapterSpec, batch: int, seq_len: int, dtype, 
     return params, adapters, opt, data
 
 
-def compiled_bytes(adapters, opt, params, data, key) -> dict:
+def compiled_bytes(adapters, opt, params, data, key, remat: bool) -> dict:
     """The compiled train step's memory analysis (what XLA plans to hold at once)."""
-    m = train_step.lower(adapters, opt, params, data, key).compile().memory_analysis()
+    m = train_step.lower(adapters, opt, params, data, key, remat=remat).compile() \
+        .memory_analysis()
     total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
              - m.alias_size_in_bytes)
     return {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
@@ -85,26 +87,27 @@ def compiled_bytes(adapters, opt, params, data, key) -> dict:
 
 
 def run(cfg: ModelConfig, spec: AdapterSpec, batch: int, seq_len: int, dtype, steps: int,
-        warmup: int, peak_tflops: float | None) -> dict:
+        warmup: int, peak_tflops: float | None, remat: bool = False) -> dict:
     params, adapters, opt, data = setup(cfg, spec, batch, seq_len, dtype)
     key = jax.random.key(7)
-    planned = compiled_bytes(adapters, opt, params, data, key)
+    planned = compiled_bytes(adapters, opt, params, data, key, remat)
+    step = functools.partial(train_step, remat=remat)
     t = time.perf_counter()
-    train_step(adapters, opt, params, data, key).block_until_ready()
+    step(adapters, opt, params, data, key).block_until_ready()
     first_s = time.perf_counter() - t       # compile included unless lower() cached it
     for _ in range(warmup):
-        train_step(adapters, opt, params, data, key).block_until_ready()
+        step(adapters, opt, params, data, key).block_until_ready()
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        loss = train_step(adapters, opt, params, data, key)
+        loss = step(adapters, opt, params, data, key)
         loss.block_until_ready()
         times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
     tokens = batch * seq_len
     flops = train_flops_per_token(cfg, spec, seq_len) * tokens / step_s
     stats = jax.devices()[0].memory_stats() or {}
-    return {"model": cfg.name, "variant": spec.variant, "rank": spec.rank,
+    return {"model": cfg.name, "variant": spec.variant, "rank": spec.rank, "remat": remat,
             "batch": batch, "seq_len": seq_len, "dtype": jnp.dtype(dtype).name,
             "step_ms": 1e3 * step_s, "step_ms_min": 1e3 * min(times), "timed_steps": steps,
             "tokens_per_s": tokens / step_s, "first_step_s": first_s,
@@ -134,6 +137,10 @@ def main(argv=None) -> None:
                                                  "float32 on CPU)")
     p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--remat", action="store_true",
+                   help="gradient checkpointing (TrainConfig.remat); the recompute is not "
+                        "counted in model FLOPs, so MFU falls by its cost. Device peak memory "
+                        "is a process-wide maximum: compare with and without in two runs")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="dense bf16 peak for MFU (default: known for H100/H200, else none)")
     args = p.parse_args(argv)
@@ -149,11 +156,12 @@ def main(argv=None) -> None:
     for name in args.model:
         cfg = preset(name).replace(max_seq_len=max(preset(name).max_seq_len, args.seq_len))
         r = run(cfg, AdapterSpec(args.variant, args.rank), args.batch, args.seq_len, dtype,
-                args.steps, args.warmup, peak)
+                args.steps, args.warmup, peak, args.remat)
         mem = r["peak_device_bytes"] or r["compiled_step_bytes"]["total"]
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         where = "device peak" if r["peak_device_bytes"] else "compiled step"
-        print(f"{name:14s} {args.variant} r={args.rank} B={args.batch} S={args.seq_len}: "
+        print(f"{name:14s} {args.variant} r={args.rank} B={args.batch} S={args.seq_len}"
+              f"{' remat' if args.remat else ''}: "
               f"{r['step_ms']:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, "
               f"{r['model_tflops_per_s']:.3f} TFLOP/s, MFU {mfu}, "
               f"memory {mem / 2**30:.3f} GiB ({where})")

@@ -5,11 +5,12 @@
 #
 #   bash benchmarks/gpu_pending.sh tests adapters       # nvidia-h200 (~6 min)
 #   bash benchmarks/gpu_pending.sh train server         # nvidia-h200 (~5 min)
-#   bash benchmarks/gpu_pending.sh graphs               # nvidia-h200 (~6 min)
+#   bash benchmarks/gpu_pending.sh graphs remat         # nvidia-h200 (~8 min)
 #   bash benchmarks/gpu_pending.sh tp                   # nvidia-h200-x2 (~6 min)
 #
 # Still owed (2026-12-01): adapters (issue 7, rerun with the prefill split and freeze_gc),
-# graphs (issue 5, where LoRA's per-launch cost goes), tp (issue 5, two GPUs).
+# graphs (issue 5, where LoRA's per-launch cost goes), remat (issue 6, gradient
+# checkpointing's memory), tp (issue 5, two GPUs).
 # Each section writes its full log to $OUT/<section>.log (the device tool returns $OUT) and
 # prints its last lines; a section that fails or times out does not stop the others.
 set -uo pipefail
@@ -41,6 +42,10 @@ for section in "$@"; do
     train)     # issue 6, acceptance 5
         run bench-train 400 $py -m benchmarks.bench_train --model smollm2-135m llama3-8b \
             --rank 16 --batch 8 --seq-len 512 ;;
+    remat)     # issue 6: gradient checkpointing's memory and speed (its own process: device
+               # peak memory is a process-wide maximum)
+        run bench-train-remat 200 $py -m benchmarks.bench_train --model llama3-8b --rank 16 \
+            --batch 8 --seq-len 512 --remat ;;
     server)    # issue 8, acceptance 5: gRPC vs in-process, batch-32 Distinct
         run bench-server 300 $py -m benchmarks.bench_server --model llama2-7b ;;
     graphs)    # issue 5: is LoRA's ~11 us per shrink/expand pair launch cost? The batch-32
@@ -55,6 +60,6 @@ for section in "$@"; do
         run diagnose-tp 300 $py -m benchmarks.diagnose_tp --tp 2
         run tp-compare 280 $py -m benchmarks.bench_engine --batch --tp-compare 2 ;;
     *)
-        echo "unknown section $section (tests kernels adapters train server graphs tp)" >&2 ;;
+        echo "unknown section $section (tests kernels adapters train server remat graphs tp)" >&2 ;;
     esac
 done

@@ -278,17 +278,24 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
 
 def run_layers(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array,
                attend, caches: tuple, impl: str, lora: LoraContext | None,
-               tp_axis: str | None = None):
+               tp_axis: str | None = None, remat: bool = False):
     """Embedding, every layer (with `attend` over caches = (K per layer, V per layer)), final
     norm. Returns hidden states [B, T, D] and the updated caches. Inside a shard_map over
-    `tp_axis`, cfg and the weights are one shard's (serving/sharding.py)."""
+    `tp_axis`, cfg and the weights are one shard's (serving/sharding.py). remat (training):
+    keep only each layer's input for the backward pass and recompute the rest there
+    (gradient checkpointing: activation memory of one layer, not all, for one more forward)."""
     inv_freq = jnp.asarray(rope_frequencies(cfg))
     x = params["embed"][tokens]                                         # [B, T, D]
+
+    def block(x, layer, kv, i):
+        x, kv = attention(layer, cfg, x, positions, inv_freq, attend, kv, impl, lora, i,
+                          tp_axis)
+        return mlp(layer, cfg, x, impl, lora, i, tp_axis), kv
+    if remat:
+        block = jax.checkpoint(block, static_argnums=3)
     ks, vs = [], []
     for i, (layer, k_cache, v_cache) in enumerate(zip(params["layers"], *caches)):
-        x, (k_cache, v_cache) = attention(layer, cfg, x, positions, inv_freq, attend,
-                                          (k_cache, v_cache), impl, lora, i, tp_axis)
-        x = mlp(layer, cfg, x, impl, lora, i, tp_axis)
+        x, (k_cache, v_cache) = block(x, layer, (k_cache, v_cache), i)
         ks.append(k_cache)
         vs.append(v_cache)
     return rms_norm(x, params["final_norm"], cfg.norm_eps), (tuple(ks), tuple(vs))

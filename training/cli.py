@@ -38,6 +38,9 @@ def add_parser(sub) -> None:
     p.add_argument("--accumulate", type=int, default=1)
     p.add_argument("--pack", action="store_true",
                    help="pack several examples into each row (--batch-size then counts rows)")
+    p.add_argument("--remat", action="store_true",
+                   help="gradient checkpointing: recompute each layer in the backward pass "
+                        "(less activation memory for one more forward)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=10)
@@ -75,7 +78,8 @@ def cmd_train(args) -> int:
     train, held_out = split(examples, args.held_out, args.seed)
     config = TrainConfig(spec, args.steps, args.batch_size, args.accumulate, args.seq_len,
                          args.lr, args.warmup, eval_every=args.eval_every, seed=args.seed,
-                         checkpoint_dir=args.checkpoint_dir, pack=args.pack)
+                         checkpoint_dir=args.checkpoint_dir, pack=args.pack,
+                         remat=args.remat)
     name = args.name or args.out.name
     result = finetune(model, train, held_out, config, name=name)
     write_native(result.adapter, args.out)

@@ -21,10 +21,11 @@ from training.modules import Adapters, TrainLora
 
 def train_logits(base_params: dict, cfg: ModelConfig, adapters: Adapters, tokens: jax.Array,
                  dropout_key: jax.Array | None = None, *, segments: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> jax.Array:
+                 positions: jax.Array | None = None, remat: bool = False) -> jax.Array:
     """Float32 logits [B, T, V] of tokens [B, T], with the adapter applied (dropout on its
     branch when a key is given). segments [B, T] (default: one example per row) and
-    positions [B, T] (default: 0, 1, ...) describe packed rows (`training.data.pack`)."""
+    positions [B, T] (default: 0, 1, ...) describe packed rows (`training.data.pack`). remat:
+    gradient checkpointing per layer (`jlora.model.run_layers`)."""
     B, T = tokens.shape
     if segments is None:
         segments = jnp.zeros((B, T), jnp.int32)
@@ -40,7 +41,7 @@ def train_logits(base_params: dict, cfg: ModelConfig, adapters: Adapters, tokens
 
     nothing = (None,) * cfg.n_layers
     h, _ = run_layers(base_params, cfg, tokens, positions, attend, (nothing, nothing), "xla",
-                      TrainLora(adapters, base_params, dropout_key))
+                      TrainLora(adapters, base_params, dropout_key), remat=remat)
     return logits(base_params, cfg, h)
 
 

@@ -8,6 +8,7 @@ its metrics. Only the adapter's `nnx.LoRAParam`s get gradients and optimizer sta
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,14 +43,16 @@ class TrainConfig:
     checkpoint_dir: str | None = None   # resume from its newest checkpoint, save into it
     checkpoint_every: int = 100
     pack: bool = False               # several examples per row (batch_size counts rows)
+    remat: bool = False              # gradient checkpointing: recompute each layer backward
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "accumulate", "seq_len", "eval_every",
                      "checkpoint_every"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be an integer >= 1")
-        if not isinstance(self.pack, bool):
-            raise ValueError(f"pack={self.pack!r} must be True or False")
+        for name in ("pack", "remat"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr!r} must be > 0")
 
@@ -73,13 +76,14 @@ def optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optax.MultiSteps(tx, config.accumulate) if config.accumulate > 1 else tx
 
 
-@nnx.jit
-def train_step(adapters: Adapters, opt: nnx.Optimizer, base_params, batch, key):
+@functools.partial(nnx.jit, static_argnames="remat")
+def train_step(adapters: Adapters, opt: nnx.Optimizer, base_params, batch, key,
+               remat: bool = False):
     tokens, mask, segments, positions = batch
 
     def loss_fn(ad):
         logits = train_logits(base_params, ad.cfg, ad, tokens, key, segments=segments,
-                              positions=positions)
+                              positions=positions, remat=remat)
         return masked_loss(logits, tokens, mask, segments)
 
     loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(adapters)
@@ -137,7 +141,7 @@ def finetune(model: Model, train: list[Example], held_out: list[Example],
             batch = batch_at(rows, config, step, micro, pad_id)
             key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), step),
                                      micro)
-            loss = train_step(adapters, opt, model.params, batch, key)
+            loss = train_step(adapters, opt, model.params, batch, key, remat=config.remat)
             tokens_seen += int(batch[1].sum())
         result.losses.append(float(loss))
         if held_out and (step % config.eval_every == 0 or step == config.steps):

@@ -69,3 +69,57 @@ def test_resuming_from_a_checkpoint_reproduces_the_next_losses(tmp_path):
     for key, mod in straight.adapter.modules.items():
         np.testing.assert_array_equal(resumed.adapter.modules[key].b, mod.b)
         np.testing.assert_array_equal(resumed.adapter.modules[key].m, mod.m)
+
+
+def residual_bytes(f, *args) -> int:
+    """Bytes of what reverse-mode differentiation of f keeps for the backward pass (summed from
+    `jax.ad_checkpoint.print_saved_residuals`: one line per residual, 'f32[2,31] ...')."""
+    import contextlib
+    import io
+    import re
+
+    from jax.ad_checkpoint import print_saved_residuals
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_saved_residuals(f, *args)
+    itemsize = {"f32": 4, "i32": 4, "u32": 4, "bf16": 2, "f16": 2, "bool": 1}
+    total = 0
+    for line in out.getvalue().splitlines():
+        dtype, dims = re.match(r"([\w<>]+)\[([\d,]*)\]", line).groups()
+        size = int(np.prod([int(d) for d in dims.split(",") if d]))
+        total += size * itemsize.get(dtype, 8)    # 8: a PRNG key (key<fry>)
+    return total
+
+
+def test_remat_gives_the_same_step_and_keeps_only_layer_inputs():
+    """Gradient checkpointing (TrainConfig.remat, `jlora train --remat`) changes what the
+    backward pass keeps, not what it computes: the same loss and adapter update (dropout
+    on: the recompute draws the same masks), and a fraction of the residuals kept."""
+    from flax import nnx
+
+    from training.forward import masked_loss
+    from training.loop import optimizer, train_step
+    from training.modules import Adapters
+    cfg = CFG.replace(n_layers=6)
+    params = init_params(cfg, jax.random.key(0), jnp.float32)
+    B, S = 4, 64
+    tokens = jax.random.randint(jax.random.key(1), (B, S), 3, cfg.vocab_size).astype(jnp.int32)
+    mask = jnp.ones((B, S), bool)
+    batch = (tokens, mask, jnp.zeros((B, S), jnp.int32),
+             jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)))
+    spec = AdapterSpec(rank=8, dropout=0.1)
+    key = jax.random.key(7)
+    losses, updated, kept = [], [], []
+    for remat in (False, True):
+        adapters = Adapters(cfg, spec, params, nnx.Rngs(0))
+        graph, trained, rest = nnx.split(adapters, nnx.LoRAParam, ...)
+        kept.append(residual_bytes(lambda t: masked_loss(train_logits(
+            params, cfg, nnx.merge(graph, t, rest), tokens, key, remat=remat), tokens, mask),
+            trained))
+        opt = nnx.Optimizer(adapters, optimizer(TrainConfig(spec)), wrt=nnx.LoRAParam)
+        losses.append(float(train_step(adapters, opt, params, batch, key, remat=remat)))
+        updated.append(jax.tree.leaves(nnx.state(adapters, nnx.LoRAParam)))
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-6)
+    for a, b in zip(*updated, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+    assert kept[1] < 0.35 * kept[0], kept
