@@ -1,20 +1,23 @@
 """The engine's adapters: registration by name, and a loader thread that fills GPU slots.
 
-`AdapterStore` is what `Engine.adapters` is. `load(name, path)` reads and validates an
-adapter on the caller's thread (a malformed one is refused there, naming the file and
-key); `scan(directory)` registers every adapter directory below it. Which adapter sits in
-which slot is `serving.adapter_cache.AdapterCache`'s decision; this module carries it out
-off the decode loop: the loader thread reads from disk when the host tier no longer holds
-an adapter, builds the slot's arrays and copies them to the device. The step thread then
-only dispatches the in-place write (`commit`), which queues behind the steps already
-dispatched, so steps never wait for a load and never see a half-written slot.
+`AdapterStore` is what `Engine.adapters` is. `load(name, path)` reads, validates and packs
+an adapter for a slot on the caller's thread (a malformed one is refused there, naming the
+file and key); `scan(directory)` registers every adapter directory below it, several at
+once. Which adapter sits in which slot is `serving.adapter_cache.AdapterCache`'s decision;
+this module carries it out off the decode loop: the loader thread reads from disk (and
+packs) when the host tier no longer holds an adapter, and copies its packed rows to the
+device. The step thread then only dispatches the in-place write (`commit`), which queues
+behind the steps already dispatched, so steps never wait for a load and never see a
+half-written slot.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +101,12 @@ class AdapterStore:
         (without replace); FileNotFoundError for a missing path. Requests already using a
         replaced version finish with it. A pinned adapter is sent to the GPU at the next step
         and never leaves it."""
+        entry = self._prepare(name, source, pin)
+        self.cache.register(entry, replace)   # a pinned one is sent for at the next step
+        return AdapterInfo.of(entry)
+
+    def _prepare(self, name: str, source: str | Path | Adapter, pin: bool = False) -> Entry:
+        """Read, check and pack: everything `load` does but registering (thread-safe)."""
         if not isinstance(name, str) or not name or "=" in name or len(name) > 200:
             raise ValueError(f"adapter name {name!r} must be 1-200 characters without '='")
         if isinstance(source, Adapter):
@@ -108,31 +117,35 @@ class AdapterStore:
         else:
             path = Path(source)
             adapter = read_adapter(path, self.bank.cfg.n_layers, name)
-        entry = self._entry(name, adapter, path, pin)
-        self.cache.register(entry, replace)   # a pinned one is sent for at the next step
-        return AdapterInfo.of(entry)
-
-    def _entry(self, name: str, adapter: Adapter, path: Path | None, pin: bool) -> Entry:
         adapter.name = name
         self.bank.check(adapter)
         rank = adapter.max_rank if adapter.modules else 0
-        # packed now, on the caller's thread, for the least slot capacity that holds it (the
-        # slot it will get unless only larger ones are free): a load is then a copy
+        # packed now, for the least slot capacity that holds it (the slot it will get unless
+        # only larger ones are free): a load is then a copy
         capacity = min(c for c in self.bank.slot_ranks[1:] if c >= max(rank, 1))
         packed = self.bank.pack(adapter, self.params, capacity)
         return Entry(name=name, version=1, path=path, variant=adapter.variant, rank=rank,
                      targets=adapter.targets, nbytes=adapter.nbytes() + packed.nbytes,
                      adapter=adapter, packed=packed, pinned=pin)
 
-    def scan(self, directory: str | Path) -> list[str]:
-        """Register each adapter directory in `directory` under its directory name."""
+    def scan(self, directory: str | Path, workers: int | None = None) -> list[str]:
+        """Register each adapter directory in `directory` under its directory name, in name
+        order. `workers` threads read and pack them (default: up to 8, one per core; reading
+        and casting release the GIL), a batch of `workers` at a time, so memory holds at most
+        that many beyond the host tier. The first bad one raises, after those before it."""
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"adapter directory {directory} does not exist")
+        subs = sorted(p for p in directory.iterdir() if p.is_dir())
+        workers = workers or min(8, os.cpu_count() or 1)
         names = []
-        for sub in sorted(p for p in directory.iterdir() if p.is_dir()):
-            self.load(sub.name, sub)
-            names.append(sub.name)
+        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="jlora-scan") as pool:
+            for i in range(0, len(subs), workers):
+                batch = [pool.submit(self._prepare, p.name, p) for p in subs[i:i + workers]]
+                for future in batch:
+                    entry = future.result()
+                    self.cache.register(entry, False)
+                    names.append(entry.name)
         return names
 
     def unload(self, name: str) -> None:
@@ -168,7 +181,7 @@ class AdapterStore:
         for name, slot in sorted(bank.slots.items(), key=lambda item: item[1]):
             adapter = bank.adapters.get(slot)
             if adapter is not None:
-                entry = self._entry(name, adapter, None, False)
+                entry = self._prepare(name, adapter)
             elif bank is self.bank:   # written straight into the device arrays (benchmarks):
                 # it can never be loaded again, so it never leaves its slot
                 entry = Entry(name=name, version=1, path=None, variant="lora",

@@ -78,7 +78,8 @@ def random_params(rng):
 
 def test_thousand_adapters_eight_slots(setup):
     root, params = setup
-    one = read_adapter(root / "ad1", CFG.n_layers).nbytes()
+    ad1 = read_adapter(root / "ad1", CFG.n_layers)   # the host tier keeps it and its packed rows
+    one = ad1.nbytes() + AdapterBank(CFG, 2, RANK, jnp.float32).pack(ad1, params, RANK).nbytes
     host_budget = 40 * one
     eng = Engine(Model(CFG, params, None, "tiny"),
                  replace(CONFIG, adapter_dir=str(root), host_lora_gb=host_budget / 1e9))
@@ -242,3 +243,25 @@ def test_slots_of_several_rank_capacities_serve_mixed_ranks(setup):
         assert (out.token_ids, out.finish_reason) == (ref.token_ids, ref.finish_reason), name
     used = {e.name: e for e in eng.adapters.cache.entries.values()}
     assert all(eng.bank.slot_ranks[s] >= used[a.name].rank for s, a in eng.bank.adapters.items())
+
+
+def test_scan_prepares_in_parallel_and_stops_at_the_first_bad_adapter(setup, tmp_path):
+    """scan() reads and packs several adapters at once but registers them in name order; a
+    corrupt one raises naming its file, after the ones before it are registered."""
+    root, params = setup
+    for i in range(7):
+        write_native(make_adapter(i), tmp_path / f"s{i}")
+    (tmp_path / "s4" / "adapter.safetensors").write_bytes(b"not safetensors")
+    eng = Engine(Model(CFG, params, None, "tiny"), CONFIG)
+    try:
+        with pytest.raises(ValueError, match="s4"):
+            eng.adapters.scan(tmp_path, workers=3)
+        assert sorted(a.name for a in eng.adapters.list()) == ["s0", "s1", "s2", "s3"]
+        info = eng.adapters.info("s2")
+        assert (info.variant, info.rank) == (make_adapter(2).variant, RANK)
+        greedy = SamplingParams(max_tokens=5, ignore_eos=True)
+        got = eng.generate([[5, 6, 7]], greedy, adapters=["s2"])[0]
+    finally:
+        eng.close()
+    ref = Oracle(params)([5, 6, 7], greedy, read_adapter(tmp_path / "s2", CFG.n_layers, "s2"))
+    assert got.token_ids == ref.token_ids
