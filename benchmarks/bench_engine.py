@@ -39,7 +39,7 @@ from jlora.config import preset
 from jlora.loader import Model
 from jlora.model import init_params
 from jlora.sampling import SamplingParams, seed_key
-from serving.engine import Engine, EngineConfig
+from serving.engine import LORA_KERNELS, Engine, EngineConfig
 from serving.step import make_batch, pack
 from serving.request import Request, RequestStream
 
@@ -80,7 +80,8 @@ def place_running(engine: Engine, slots: list[int], context: int) -> None:
 
 
 def bench_decode(model: Model, kind: str, batch: int, context: int, steps: int,
-                 ceiling: float, impl: str, tp: int = 1, devices=None) -> dict:
+                 ceiling: float, impl: str, tp: int = 1, devices=None,
+                 lora_kernel: str = "split") -> dict:
     slots = workload_slots(kind, batch)
     c = model.config
     per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * jnp.dtype(model.dtype).itemsize
@@ -89,7 +90,8 @@ def bench_decode(model: Model, kind: str, batch: int, context: int, steps: int,
     context = max(16, min(context, fits // 16 * 16))   # what fits next to weights and bank
     pages_needed = batch * (-(-(context + 3 * steps) // 16)) + 1
     cfg = EngineConfig(max_seqs=batch, page_size=16, num_pages=pages_needed,
-                       decode_buckets=(batch,), prefill_buckets=(0,), impl=impl, tp=tp)
+                       decode_buckets=(batch,), prefill_buckets=(0,), impl=impl, tp=tp,
+                       lora_kernel=lora_kernel)
     t = time.perf_counter()
     engine = Engine(model, cfg, devices=devices)
     compile_s = time.perf_counter() - t
@@ -133,7 +135,8 @@ def bench_decode(model: Model, kind: str, batch: int, context: int, steps: int,
     floor_s = (weights + kv_bytes + lora_bytes) / ceiling
     del engine, kv, last
     gc.collect()
-    return dict(workload=kind, batch=batch, context=context, tp=tp, step_ms=loop_s * 1e3,
+    return dict(workload=kind, batch=batch, context=context, tp=tp, lora_kernel=lora_kernel,
+                step_ms=loop_s * 1e3,
                 device_step_ms=device_s * 1e3, idle_pct=100 * max(0.0, 1 - device_s / loop_s),
                 tokens_per_s=batch / loop_s, floor_ms=floor_s * 1e3, vs_floor=loop_s / floor_s,
                 weights_gb=weights / 1e9, kv_gb=kv_bytes / 1e9, lora_gb=lora_bytes / 1e9,
@@ -246,6 +249,8 @@ def main():
     ap.add_argument("--slora-max-seqs", type=int, default=128)
     ap.add_argument("--tp-compare", type=int, default=0, help="compare 1 device with N")
     ap.add_argument("--impl", default=None, choices=["pallas", "xla"])
+    ap.add_argument("--lora-kernel", nargs="+", default=["split"], choices=LORA_KERNELS,
+                    help="Pallas LoRA kernels to time each adapter workload with")
     args = ap.parse_args()
 
     impl = args.impl or ("pallas" if jax.default_backend() == "gpu" else "xla")
@@ -266,16 +271,18 @@ def main():
     if args.batch:
         bank = random_bank(cfg, max(args.batch), 16, jnp.bfloat16, jax.random.key(3)) \
             if set(args.workloads) - {"base"} else None
-        for b in args.batch:
-            for kind in args.workloads:
-                model = with_bank(params, cfg, None if kind == "base" else bank)
-                r = bench_decode(model, kind, b, args.context, args.steps, ceiling, impl)
-                report["decode"].append(r)
-                print(f"batch {b:3d} {kind:9s} step {r['step_ms']:7.3f} ms (device "
-                      f"{r['device_step_ms']:7.3f}, idle {r['idle_pct']:4.1f}%)  "
-                      f"{r['tokens_per_s']:7.0f} tok/s  floor {r['floor_ms']:.3f} ms "
-                      f"({r['vs_floor']:.2f}x; W {r['weights_gb']:.1f} + KV {r['kv_gb']:.2f} + "
-                      f"LoRA {r['lora_gb']:.2f} GB)  host ms {r['host_ms']}", flush=True)
+        points = [(b, kind, lk) for b in args.batch for kind in args.workloads
+                  for lk in (["split"] if kind == "base" else args.lora_kernel)]
+        for b, kind, lora_kernel in points:
+            model = with_bank(params, cfg, None if kind == "base" else bank)
+            r = bench_decode(model, kind, b, args.context, args.steps, ceiling, impl,
+                             lora_kernel=lora_kernel)
+            report["decode"].append(r)
+            print(f"batch {b:3d} {kind:9s} {lora_kernel:5s} step {r['step_ms']:7.3f} ms (device "
+                  f"{r['device_step_ms']:7.3f}, idle {r['idle_pct']:4.1f}%)  "
+                  f"{r['tokens_per_s']:7.0f} tok/s  floor {r['floor_ms']:.3f} ms "
+                  f"({r['vs_floor']:.2f}x; W {r['weights_gb']:.1f} + KV {r['kv_gb']:.2f} + "
+                  f"LoRA {r['lora_gb']:.2f} GB)  host ms {r['host_ms']}", flush=True)
         del bank
         gc.collect()
     if args.slora:

@@ -30,7 +30,7 @@ import numpy as np
 from benchmarks.bench_decode import copy_bandwidth
 from benchmarks.profiling import print_kernels
 from pallas_kernels.lora import (POOL_SLACK_ROWS, LoraBatch, LoraBlocks, LoraWeights,
-                                 lora_expand, lora_shrink)
+                                 lora_apply, lora_expand, lora_shrink)
 
 U = 16                  # ops per loop iteration
 CONFIGS = {  # named block configurations for --configs sweeps
@@ -264,6 +264,46 @@ def bench_fused(T, r, h, reps):
     return dict(T=T, r=r, fused_us=t_fused, separate_us=t_sep, ratio=t_fused / t_sep)
 
 
+def groups(h: int) -> dict:
+    """llama2-7b's projection groups at h = 4096: (input features D, module widths)."""
+    f = -(-h * 43 // 16) // 16 * 16   # 11008 at h = 4096
+    return {"qkv": (h, (h, h, h)), "o": (h, (h,)), "gate_up": (h, (f, f)), "down": (f, (h,))}
+
+
+APPLY = {"split": LoraBlocks(), "fused": LoraBlocks(fused_tokens=True)}
+
+
+def bench_apply(group: str, h: int, case: str, T: int, r: int, ceiling: float,
+                reps: int) -> dict:
+    """Shrink + expand of one projection group as the decode step runs it (one slot per
+    token): the split kernels (two launches) against the fused one and XLA's reference."""
+    D, widths = groups(h)[group]
+    weights, n_slots = make_bank(r, D, widths, jax.random.key(T + r))
+    sizes = popularity(case, T)
+    items = batches(sizes, n_slots, False, rot=0)
+    x = jax.random.normal(jax.random.key(1), (T, D), jnp.bfloat16)
+    y = jax.random.normal(jax.random.key(2), (T, sum(widths)), jnp.bfloat16)
+    out = dict(group=group, case=case, T=T, r=r)
+    ref = lora_apply(x, jnp.array(y), weights, items[0], impl="xla")   # y is donated
+    for name, blocks in [*APPLY.items(), ("xla", None)]:
+        impl = "xla" if blocks is None else "pallas"
+        blocks = blocks or LoraBlocks()
+        got = lora_apply(x, jnp.array(y), weights, items[0], impl=impl, blocks=blocks)
+        err = float(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32)).max())
+        assert err <= 0.05 * float(jnp.abs(ref.astype(jnp.float32)).max()), (name, err)
+
+        def body(yy, args, impl=impl, blocks=blocks):
+            x, weights, items = args
+            for b in items:
+                yy = lora_apply(x, yy, weights, b, impl=impl, blocks=blocks)
+            return yy
+        out[f"{name}_us"] = marginal_us(body, y, (x, weights, items), reps) / U
+    n = len(sizes)
+    nbytes = 2 * T * D + 2 * n * r * (D + sum(widths)) + 4 * T * sum(widths)
+    out["floor_us"] = nbytes / ceiling * 1e6
+    return out
+
+
 def profile_ops(r: int, h: int):
     """Kernels of one shrink + expand, distinct T=64 (tokens) and identical T=256 (segments)."""
     weights, n_slots = make_bank(r, h, (h,), jax.random.key(5))
@@ -284,12 +324,15 @@ def profile_ops(r: int, h: int):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
-    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 32, 64, 128, 256])
+    ap.add_argument("--tokens", type=int, nargs="*", default=[1, 16, 32, 64, 128, 256])
     ap.add_argument("--cases", nargs="+", default=["distinct", "uniform", "skewed", "identical"])
     ap.add_argument("--baselines", nargs="*", default=["distinct", "identical"],
                     help="cases that also time the xla, ragged and dense baselines")
     ap.add_argument("--prefill", action="store_true", help="also T=4096 in 8 segments")
     ap.add_argument("--fused", type=int, nargs="*", default=[], help="T values for q/k/v fusion")
+    ap.add_argument("--apply", type=int, nargs="*", default=[],
+                    help="T values: llama2-7b's groups, split vs fused shrink + expand")
+    ap.add_argument("--apply-cases", nargs="+", default=["distinct", "identical"])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--hidden", type=int, default=4096, help="h (smaller for smoke runs)")
     ap.add_argument("--profile", action="store_true", help="list the kernels of a few cases")
@@ -339,9 +382,21 @@ def main():
         fused.append(f)
         print(f"fused q/k/v T={T} r=16: one launch pair {f['fused_us']:.2f} us vs three "
               f"{f['separate_us']:.2f} us: ratio {f['ratio']:.2f} (target <= 0.8)")
+    applied = []
+    for T in args.apply:
+        for case in args.apply_cases:
+            for group in groups(h):
+                a = bench_apply(group, h, case, T, 16, ceiling, args.reps)
+                for k in ("split_us", "fused_us", "xla_us"):
+                    a[k] -= loop
+                applied.append(a)
+                print(f"apply {group:7s} {case:9s} T={T:3d} r=16: split {a['split_us']:7.2f} "
+                      f"fused {a['fused_us']:7.2f} xla {a['xla_us']:7.2f} us, floor "
+                      f"{a['floor_us']:6.2f} us; fused / split "
+                      f"{a['fused_us'] / a['split_us']:.2f}", flush=True)
     print(json.dumps(dict(bench="lora_kernels", device=jax.devices()[0].device_kind,
                           jax=jax.__version__, ceiling_gbps=ceiling / 1e9, loop_us=loop,
-                          results=rows, fused=fused)))
+                          results=rows, fused=fused, apply=applied)))
 
 
 if __name__ == "__main__":

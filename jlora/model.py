@@ -32,7 +32,7 @@ import numpy as np
 
 from jlora.config import ModelConfig
 from pallas_kernels.decode_attention import decode_attention
-from pallas_kernels.lora import LoraBatch, lora_apply
+from pallas_kernels.lora import LoraBatch, LoraBlocks, lora_apply
 
 Params = dict
 
@@ -55,10 +55,12 @@ class LoraContext(NamedTuple):
 
     bank: object
     batch: LoraBatch
+    blocks: LoraBlocks = LoraBlocks()   # the Pallas kernels' tiling and launch choices
 
     def apply(self, x: jax.Array, y: jax.Array, layer: int, group: str, impl: str):
         """y [T, out] of projection group `group` at `layer`, plus the adapters' term."""
-        return lora_apply(x, y, self.bank.weights(layer, group), self.batch, impl=impl)
+        return lora_apply(x, y, self.bank.weights(layer, group), self.batch, impl=impl,
+                          blocks=self.blocks)
 
 
 def project(x: jax.Array, w: jax.Array, lora: LoraContext | None, layer: int, group: str,

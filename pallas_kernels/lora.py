@@ -19,7 +19,9 @@ A batch is described one of two ways (`LoraBatch`): one slot per token (decode),
 per-token kernels (one program per token and column block, split-K over D for the shrink);
 or sorted segments (prefill), served by segment kernels whose tiles of tokens share one
 adapter and multiply on the tensor cores. The shrink returns `v` as per-split partial sums
-[KS, M, T, R] (float32) that the expand adds up, so no extra launch reduces them.
+[KS, M, T, R] (float32) that the expand adds up, so no extra launch reduces them. For
+per-token batches `LoraBlocks(fused_tokens=True)` does both in one launch instead (each
+program keeps its token's v in registers; see `lora_fused_tokens`).
 
 Every op has `impl="pallas"|"xla"`; the XLA references at the end of the file are the CPU
 path and the test oracle. This module knows nothing about layers, models or the host-side
@@ -39,7 +41,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.lora_kernels import (expand_segments_kernel, expand_tokens_kernel,
-                                         shrink_segments_kernel, shrink_tokens_kernel)
+                                         fused_tokens_kernel, shrink_segments_kernel,
+                                         shrink_tokens_kernel)
 
 IMPLS = ("pallas", "xla")
 POOL_SLACK_ROWS = 64   # unused rows at each pool's end: a full row block never runs past it
@@ -104,6 +107,9 @@ class LoraBlocks:
     num_stages: int = 2
     target_programs: int = 512   # the shrink splits D until about this many programs run...
     max_splits: int = 8          # ...into at most this many parts (the expand adds them up)
+    fused_tokens: bool = False   # per-token batches: shrink and expand in one launch
+    fused_programs: int = 256    # the fused kernel splits columns into chunks until about
+    max_chunks: int = 8          # this many programs run, at most this many chunks
 
 
 def v_width(max_rank: int, blocks: LoraBlocks = LoraBlocks()) -> int:
@@ -282,9 +288,54 @@ def lora_expand(y: jax.Array, v: jax.Array, weights: LoraWeights, batch: LoraBat
 def lora_apply(x: jax.Array, y: jax.Array, weights: LoraWeights, batch: LoraBatch, *,
                impl: str = "pallas", blocks: LoraBlocks = LoraBlocks(),
                interpret: bool | None = None) -> jax.Array:
-    """Shrink then expand: y (the group's base output, donated) plus every token's adapter."""
+    """Shrink then expand: y (the group's base output, donated) plus every token's adapter.
+    With `blocks.fused_tokens`, a per-token batch whose bank holds ranks <= POOL_SLACK_ROWS
+    runs both in one kernel (`lora_fused_tokens`)."""
+    if (impl == "pallas" and blocks.fused_tokens and not batch.is_segments
+            and v_width(weights.max_rank, blocks) <= POOL_SLACK_ROWS):
+        return lora_fused_tokens(x, y, weights, batch, blocks=blocks, interpret=interpret)
     v = lora_shrink(x, weights, batch, impl=impl, blocks=blocks, interpret=interpret)
     return lora_expand(y, v, weights, batch, impl=impl, blocks=blocks, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret"), donate_argnums=1)
+def lora_fused_tokens(x: jax.Array, y: jax.Array, weights: LoraWeights, batch: LoraBatch, *,
+                      blocks: LoraBlocks = LoraBlocks(), interpret: bool | None = None
+                      ) -> jax.Array:
+    """`lora_apply` for one slot per token in a single Pallas launch: program (t, c) computes
+    token t's v = x[t] @ A[slot] for every module (all R = v_width(max_rank) rank rows in one
+    tile, rows past the slot's rank masked off, so no memory is read for them) and expands
+    it into chunk c of each module's column blocks. R must be <= POOL_SLACK_ROWS."""
+    _check(x, weights, batch, "pallas", "shrink", blocks)
+    _check(y, weights, batch, "pallas", "expand", blocks)
+    if batch.is_segments:
+        raise ValueError("lora_fused_tokens takes token_slots, not segments")
+    R = v_width(weights.max_rank, blocks)
+    if R > POOL_SLACK_ROWS:
+        raise ValueError(f"the fused kernel reads R={R} rank rows per slot at once; at most "
+                         f"{POOL_SLACK_ROWS} (max_rank={weights.max_rank})")
+    T, D = x.shape
+    M, widths = len(weights.b), weights.widths
+    tile = 4096                                  # f32 elements of one [R, block] tile
+    BK = _block(D, min(blocks.block_k, max(16, tile // R)), "input features D")
+    BN = min(_block(n, min(blocks.block_n, max(16, 2 * tile // R)), "module output width")
+             for n in widths)
+    n_blocks = tuple(n // BN for n in widths)
+    n_chunks = max(1, min(blocks.max_chunks, max(n_blocks), blocks.fused_programs // T))
+    u = _padded_u(weights, R)
+    has_u, has_w, has_g = u is not None, weights.w is not None, weights.g is not None
+    kernel = functools.partial(
+        fused_tokens_kernel, M=M, R=R, block_k=BK, block_n=BN, n_chunks=n_chunks,
+        n_blocks=n_blocks, col_offset=tuple(sum(widths[:m]) for m in range(M)),
+        has_u=has_u, has_w=has_w, has_g=has_g)
+    operands = [*weights.b, *([u] if has_u else []), *(weights.w or ()), *(weights.g or ())]
+    return pl.pallas_call(
+        kernel, grid=(T, n_chunks),
+        out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
+        input_output_aliases={6: 0}, compiler_params=_compiler(blocks),
+        interpret=_interpret(interpret),
+    )(batch.token_slots, weights.a_start, weights.b_start, weights.rank, weights.scale, x, y,
+      weights.a, *operands)
 
 
 # ----------------------------------------------------------------------------- XLA references

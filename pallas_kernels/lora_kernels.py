@@ -171,3 +171,60 @@ def expand_segments_kernel(seg_ref, slot_ref, start_ref, rank_ref, scale_ref, v_
                 out = out * g_refs[m][s, cols].astype(jnp.float32)[None, :]
             pltriton.store(o_ref.at[pl.ds(w0, block_t), ycols], out.astype(o_ref.dtype),
                            mask=live_t[:, None])
+
+
+# shrink and expand in one launch, per token
+
+def fused_tokens_kernel(slot_ref, a_start_ref, b_start_ref, rank_ref, scale_ref, x_ref, y_ref,
+                        a_ref, *rest, M, R, block_k, block_n, n_chunks, n_blocks, col_offset,
+                        has_u, has_w, has_g):
+    """Program (t, c): token t's whole shrink for each module m (all R rank rows at once, so
+    v stays in registers), then the expand of chunk c of that module's column blocks. Chunks
+    recompute the shrink (its A rows come from L2 after the first) to give small batches
+    more programs; no partial sums go through memory and there is one launch, not two."""
+    b_refs, rest = rest[:M], rest[M:]
+    u_ref, rest = (rest[0], rest[1:]) if has_u else (None, rest)
+    w_refs, rest = (rest[:M], rest[M:]) if has_w else (None, rest)
+    g_refs, rest = (rest[:M], rest[M:]) if has_g else (None, rest)
+    (o_ref,) = rest
+    t, c = pl.program_id(0), pl.program_id(1)
+    s = slot_ref[t]
+    rows = jnp.arange(R)
+    for m in range(M):
+        rank = rank_ref[m, s]
+        nb0, nb1 = c * n_blocks[m] // n_chunks, (c + 1) * n_blocks[m] // n_chunks
+
+        @pl.when((s != 0) & ((rank > 0) | has_g) & (nb1 > nb0))
+        def _(m=m, rank=rank, nb0=nb0, nb1=nb1):
+            live = rows < rank
+            a0, b0 = a_start_ref[m, s], b_start_ref[m, s]
+
+            def k_step(kb, acc):
+                cols = pl.ds(kb * block_k, block_k)
+                xk = x_ref[t, cols].astype(jnp.float32)                   # [BK]
+                ak = pltriton.load(a_ref.at[pl.ds(a0, R), cols], mask=live[:, None],
+                                   other=0.0)                             # [R, BK]
+                return acc + ak.astype(jnp.float32) * xk[None, :]
+
+            v = lax.fori_loop(0, x_ref.shape[1] // block_k, k_step,
+                              jnp.zeros((R, block_k), jnp.float32)).sum(axis=1)   # [R]
+            if has_u:
+                v = v * pltriton.load(u_ref.at[jnp.int32(m), s, pl.ds(0, R)], mask=live,
+                                      other=0.0).astype(jnp.float32)
+            v = v * scale_ref[m, s]
+
+            def n_step(nb, carry):
+                cols = pl.ds(nb * block_n, block_n)
+                bt = pltriton.load(b_refs[m].at[pl.ds(b0, R), cols], mask=live[:, None],
+                                   other=0.0)                             # [R, BN]
+                delta = jnp.sum(v[:, None] * bt.astype(jnp.float32), axis=0)
+                if has_w:
+                    delta = delta * w_refs[m][s, cols].astype(jnp.float32)
+                ycols = pl.ds(col_offset[m] + nb * block_n, block_n)
+                out = y_ref[t, ycols].astype(jnp.float32) + delta
+                if has_g:
+                    out = out * g_refs[m][s, cols].astype(jnp.float32)
+                o_ref[t, ycols] = out.astype(o_ref.dtype)
+                return carry
+
+            lax.fori_loop(nb0, nb1, n_step, 0)

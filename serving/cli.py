@@ -60,6 +60,9 @@ def add_parsers(sub) -> None:
                    help="host memory for adapters not on the device (LRU by bytes)")
     p.add_argument("--policy", choices=("vtc", "fcfs"), default="vtc",
                    help="admission order: fair per tenant (VTC, default) or first come")
+    p.add_argument("--lora-kernel", choices=("split", "fused"), default="split",
+                   help="Pallas LoRA kernels on the GPU: shrink then expand, or both in one "
+                        "launch (ranks <= 64)")
     p.add_argument("--max-seqs", type=int, default=None,
                    help="sequences decoded at once (default: 64 on a GPU, 8 on the CPU)")
     p.add_argument("--max-seq-len", type=int, default=None,
@@ -137,7 +140,8 @@ def build_engine(args, pairs):
         max_seqs=max_seqs, max_seq_len=max_len, prefill_budget=budget,
         kv_memory_gb=args.kv_memory_gb, max_queue=args.max_queue, max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank, adapter_dir=args.adapter_dir,
-        host_lora_gb=args.host_lora_gb, policy=args.policy, freeze_gc=True, **buckets))
+        host_lora_gb=args.host_lora_gb, policy=args.policy, lora_kernel=args.lora_kernel,
+        freeze_gc=True, **buckets))
     for name, path in pairs:
         engine.adapters.load(name, path)
     return engine, args.model

@@ -34,6 +34,7 @@ from jlora.paged import init_pages
 from jlora.sampling import SamplingParams, seed_key
 from jlora.tokenizer import IncrementalDecoder
 from pallas_kernels import default_impl
+from pallas_kernels.lora import LoraBlocks
 from serving import sharding
 from serving.adapter_cache import AdapterCache, UnknownAdapter
 from serving.adapter_store import AdapterStore, make_bank
@@ -43,6 +44,8 @@ from serving.metrics import EngineMetrics
 from serving.request import Request, RequestOutput, RequestStream, Status
 from serving.scheduler import Plan, Scheduler, SchedulerConfig
 from serving.step import StepBatch, engine_step, make_batch, pack
+
+LORA_KERNELS = ("split", "fused")
 
 
 class QueueFull(Exception):
@@ -65,6 +68,8 @@ class EngineConfig:
     decode_buckets: tuple[int, ...] = ()   # (): 0, 1, 4, 16, ... and max_seqs
     prefill_buckets: tuple[int, ...] = ()  # (): 0, Q, 4Q, 16Q, ... and the budget
     impl: str | None = None       # "pallas" or "xla"; None: Pallas on a GPU
+    lora_kernel: str = "split"    # Pallas LoRA on the step's tokens: "split" (shrink, then
+                                  # expand) or "fused" (both in one launch; ranks <= 64)
     tp: int = 1                   # devices the model is split over (serving/sharding.py)
     # Adapters: GPU slots in the bank (0: the bank the model was given by load_adapter, if
     # any, else as many as lora_memory_gb holds, else none: base model only), host tier
@@ -120,6 +125,9 @@ class Engine:
             self._shard_model()
         cfg = model.config
         self.impl = config.impl or default_impl()
+        if config.lora_kernel not in LORA_KERNELS:
+            raise ValueError(f"lora_kernel={config.lora_kernel!r} is not one of {LORA_KERNELS}")
+        self.lora_blocks = LoraBlocks(fused_tokens=config.lora_kernel == "fused")
         max_len = min(config.max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
         self.sched_config = config.scheduler_config(max_len)
         num_pages = config.num_pages or self._default_pages(max_len)   # after the bank
@@ -196,7 +204,8 @@ class Engine:
                 for mode in ("greedy", "sample"):
                     programs[Bd, Np, mode] = engine_step.lower(
                         self.model.params, bank, self.kv, self.last_tokens, packed, cfg=cfg,
-                        impl=self.impl, mesh=self.mesh, layout=layout, mode=mode).compile()
+                        impl=self.impl, mesh=self.mesh, layout=layout, mode=mode,
+                        lora_blocks=self.lora_blocks).compile()
         return programs
 
     # ---------------------------------------------------------------- requests

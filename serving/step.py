@@ -22,7 +22,7 @@ from jlora.config import ModelConfig
 from jlora.model import LoraContext, Params, logits
 from jlora.paged import PagedBatch, PagedKV, forward_paged
 from jlora.sampling import SamplingArrays, sample
-from pallas_kernels.lora import LoraBatch
+from pallas_kernels.lora import LoraBatch, LoraBlocks
 from serving import sharding
 from serving.kv_cache import PageAllocator
 from serving.request import Request
@@ -68,11 +68,12 @@ def unpack(flat: jax.Array, layout: tuple) -> StepBatch:
     return jax.tree.unflatten(treedef, leaves)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl", "mesh", "layout", "mode"),
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "mesh", "layout", "mode",
+                                            "lora_blocks"),
                    donate_argnames=("kv", "last_tokens"))
 def engine_step(params: Params, bank, kv: PagedKV, last_tokens: jax.Array, packed: jax.Array,
                 *, cfg: ModelConfig, impl: str, mesh: Mesh | None = None, layout: tuple,
-                mode: str = "sample"):
+                mode: str = "sample", lora_blocks: LoraBlocks = LoraBlocks()):
     """One step over all scheduled tokens; returns (kv, last_tokens, out) with out [2, Ns]:
     the sampled tokens and their logprobs' float32 bits (one array: one copy back).
     `packed` is the step's `StepBatch` as `pack` made it. With a mesh, the layers run per
@@ -84,7 +85,8 @@ def engine_step(params: Params, bank, kv: PagedKV, last_tokens: jax.Array, packe
     local_cfg, tp_axis = sharding.local_config(cfg, n), None if mesh is None else sharding.AXIS
 
     def layers(params, bank, kv, tokens, paged, lora_slots):
-        lora = None if bank is None else LoraContext(bank, LoraBatch(token_slots=lora_slots))
+        lora = None if bank is None else LoraContext(bank, LoraBatch(token_slots=lora_slots),
+                                                     lora_blocks)
         return forward_paged(params, local_cfg, tokens, kv, paged, impl, lora, tp_axis)
 
     args = (params, bank, kv, tokens, batch.paged, batch.lora_slots)

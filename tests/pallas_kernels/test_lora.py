@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from jlora.lora import SlotAdapter, pack_lora_weights
-from pallas_kernels.lora import (LoraBatch, LoraBlocks, LoraWeights, lora_apply, lora_expand,
-                                 lora_shrink)
+from pallas_kernels.lora import (POOL_SLACK_ROWS, LoraBatch, LoraBlocks, LoraWeights,
+                                 lora_apply, lora_expand, lora_fused_tokens, lora_shrink)
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}  # max |out - ref| / max |ref|
 D, WIDTHS = 64, (64, 32, 32)                   # a q/k/v-like group with GQA widths
@@ -306,3 +306,99 @@ def test_xla_path_holds_no_per_token_adapter_rows(form):
     small = slice(0, 64)                                          # and it computes the same
     sub = LoraBatch(token_slots=jnp.asarray(slots[small], jnp.int32))
     check(x[small], y[small], weights, sub, jnp.float32, SMALL)
+
+
+# The fused per-token kernel: shrink and expand in one launch.
+
+FUSED = LoraBlocks(fused_tokens=True, block_n=32, block_k=32)
+UP_TO_64 = [[0, 0, 0], [8, 8, 16], [16, 0, 16], [64, 64, 8], [32, 32, 32], [1, 4, 2]]
+
+
+def check_fused(x, y, weights, slots, dtype, blocks=FUSED):
+    batch = LoraBatch(token_slots=jnp.asarray(slots, jnp.int32))
+    ref = lora_apply(x, jnp.array(y), weights, batch, impl="xla")
+    out = lora_fused_tokens(x, jnp.array(y), weights, batch, blocks=blocks)
+    assert rel_err(out, ref) < TOL[dtype]
+    base = np.asarray(slots) == 0
+    np.testing.assert_array_equal(np.asarray(out)[base], np.asarray(y)[base])
+    assert out.shape == y.shape and out.dtype == y.dtype
+    return out
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("T", [1, 7, 64])
+@pytest.mark.parametrize("variant", ["lora", "tied", "dora"])
+def test_fused_tokens_mixed_ranks_and_variants(variant, T, dtype):
+    rng = np.random.default_rng(200 + T)
+    weights = random_weights(rng, UP_TO_64, variant=variant, dtype=dtype)
+    x, y = inputs(rng, T, dtype)
+    slots = rng.integers(0, len(UP_TO_64), T)
+    slots[0] = 3                                   # the widest rank is always in the batch
+    check_fused(x, y, weights, slots, dtype)
+
+
+@pytest.mark.parametrize("programs", [1, 8, 64, 10_000], ids=lambda p: f"programs{p}")
+def test_fused_tokens_any_chunking_gives_the_same(programs):
+    """Chunks split each module's column blocks (unevenly, some chunks holding none of a
+    narrow module's blocks) and recompute the shrink: every split must give one answer."""
+    rng = np.random.default_rng(21)
+    weights = random_weights(rng, UP_TO_64, widths=(96, 32, 16))
+    x, y = inputs(rng, 5, jnp.float32, widths=(96, 32, 16))
+    blocks = LoraBlocks(fused_tokens=True, block_n=16, block_k=16, fused_programs=programs)
+    check_fused(x, y, weights, [1, 3, 0, 5, 4], jnp.float32, blocks)
+
+
+def test_apply_takes_the_fused_kernel_only_where_it_fits():
+    """lora_apply with fused_tokens: per-token batches of ranks <= POOL_SLACK_ROWS go to the
+    fused kernel; segments and wider banks keep the split kernels (same results)."""
+    rng = np.random.default_rng(22)
+    narrow, wide = random_weights(rng, UP_TO_64), random_weights(rng, MIXED)   # 64, 128
+    assert narrow.max_rank <= POOL_SLACK_ROWS < wide.max_rank
+    x, y = inputs(rng, 6, jnp.float32)
+    slots = [1, 2, 3, 0, 4, 5]
+    tokens = LoraBatch(token_slots=jnp.asarray(slots, jnp.int32))
+    sds = jax.ShapeDtypeStruct
+    for weights, batch, fused in [(narrow, tokens, True), (wide, tokens, False),
+                                  (narrow, segments_of(sorted(slots)), False)]:
+        fn = jax.jit(lambda x, y, w, b: lora_apply(x, y, w, b, blocks=FUSED))
+        ref = lora_apply(x, jnp.array(y), weights, batch, impl="xla")
+        np.testing.assert_allclose(fn(x, jnp.array(y), weights, batch), ref, rtol=1e-5,
+                                   atol=1e-5)
+        jaxpr = str(jax.make_jaxpr(fn)(sds(x.shape, x.dtype), sds(y.shape, y.dtype), weights,
+                                       batch))
+        assert jaxpr.count("pallas_call") == (1 if fused else 2), (fused, jaxpr.count(
+            "pallas_call"))
+    with pytest.raises(ValueError, match=r"R=128 rank rows per slot at once; at most 64 "
+                                         r"\(max_rank=128\)"):
+        lora_fused_tokens(x, jnp.array(y), wide, tokens, blocks=FUSED)
+
+
+FUSED_LOWERED = [  # (T, D, widths, max_rank, tied/dora vectors): llama2-7b's four groups,
+    (1, 4096, (4096, 4096, 4096), 16, False),  # llama3-8b's q/k/v, SmolLM2's
+    (32, 4096, (4096,), 16, True),
+    (64, 4096, (11008, 11008), 32, True),
+    (256, 11008, (4096,), 16, False),
+    (528, 4096, (4096, 1024, 1024), 64, True),
+    (7, 576, (576, 192, 192), 64, True),
+]
+
+
+@pytest.mark.parametrize("case", FUSED_LOWERED, ids=lambda c: f"T{c[0]}-D{c[1]}-r{c[3]}")
+def test_fused_lowers_for_cuda_as_one_kernel(case):
+    T, dim, widths, max_rank, vectors = case
+    sds = jax.ShapeDtypeStruct
+    M, S, P = len(widths), 32, 4096
+    table = lambda dt=jnp.int32: sds((M, S), dt)  # noqa: E731
+    weights = LoraWeights(
+        a=sds((P, dim), jnp.bfloat16), b=tuple(sds((P, n), jnp.bfloat16) for n in widths),
+        a_start=table(), b_start=table(), rank=table(), scale=table(jnp.float32),
+        u=sds((M, S, max_rank), jnp.float32) if vectors else None,
+        w=tuple(sds((S, n), jnp.float32) for n in widths) if vectors else None,
+        g=tuple(sds((S, n), jnp.float32) for n in widths) if vectors else None,
+        max_rank=max_rank)
+    fn = jax.jit(lambda x, y, w, b: lora_apply(x, y, w, b, blocks=LoraBlocks(fused_tokens=True),
+                                               interpret=False))
+    text = fn.trace(sds((T, dim), jnp.bfloat16), sds((T, sum(widths)), jnp.bfloat16), weights,
+                    LoraBatch(token_slots=sds((T,), jnp.int32))).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1

@@ -238,3 +238,31 @@ def test_a_failing_request_ends_alone(model, engine):
     assert out.finish_reason == "error" and "detokenization failed" in out.error
     assert good.result().token_ids == alone(model, [7, 8, 9], p, None).token_ids
     assert eng.pages.num_free == eng.pages.capacity
+
+
+def test_fused_lora_kernel_in_the_engine_matches_xla_generation_alone():
+    """The engine on the Pallas kernels (interpret mode here) with shrink and expand fused
+    in one launch, on LoRA, DoRA and Tied-LoRA with base-model rows in the same steps: the
+    tokens of the offline XLA generator run alone. (tests/serving/test_engine_gpu.py runs
+    both kernel choices compiled on the GPU.)"""
+    from tests.serving.test_sharding import make_model
+    model = make_model()
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 512, rng.integers(1, 20)).tolist() for _ in range(6)]
+    params = [SamplingParams(max_tokens=int(rng.integers(2, 6)), ignore_eos=True,
+                             temperature=float(t), seed=i)
+              for i, t in enumerate([0, 0.8, 0, 0.8, 0.8, 0])]
+    adapters = [None, "lora", "dora", "tied", "lora", "dora"]
+    engine = Engine(model, EngineConfig(max_seqs=4, page_size=16, num_pages=14,
+                                        prefill_budget=32, decode_buckets=(0, 4),
+                                        prefill_buckets=(0, 32), impl="pallas",
+                                        lora_kernel="fused"))
+    assert engine.lora_blocks.fused_tokens
+    for p, sp, a, got in zip(prompts, params, adapters,
+                             engine.generate(prompts, params, adapters)):
+        ref = generate(model, [p], sp, chat=False, impl="xla", adapters=[a])[0]
+        assert got.token_ids == ref.token_ids
+        np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-4)
+    with pytest.raises(ValueError, match=r"lora_kernel='bgmv' is not one of \('split', "
+                                         r"'fused'\)"):
+        Engine(model, EngineConfig(max_seqs=4, num_pages=14, lora_kernel="bgmv"))

@@ -11,7 +11,8 @@ from tests.serving.test_sharding import make_model
 
 
 @pytest.mark.gpu
-def test_pallas_engine_matches_xla_generation_alone():
+@pytest.mark.parametrize("lora_kernel", ["split", "fused"])
+def test_pallas_engine_matches_xla_generation_alone(lora_kernel):
     model = make_model()
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 512, rng.integers(1, 40)).tolist() for _ in range(16)]
@@ -20,7 +21,8 @@ def test_pallas_engine_matches_xla_generation_alone():
               for i in range(16)]
     adapters = [[None, "lora", "dora", "tied"][i % 4] for i in range(16)]
     engine = Engine(model, EngineConfig(max_seqs=8, page_size=16, num_pages=14,
-                                        prefill_budget=64, impl="pallas"))
+                                        prefill_budget=64, impl="pallas",
+                                        lora_kernel=lora_kernel))
     outs = engine.generate(prompts, params, adapters)
     for p, sp, a, got in zip(prompts, params, adapters, outs):
         ref = generate(model, [p], sp, chat=False, impl="xla", adapters=[a])[0]
