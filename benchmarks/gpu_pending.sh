@@ -3,14 +3,17 @@
 # Run on the GPU machine from the repository root, after installing the wheels it lacks
 # (grpcio and friends, protobuf, gguf, prometheus_client; see the device tool's README):
 #
-#   bash benchmarks/gpu_pending.sh tests adapters       # nvidia-h200 (~6 min)
-#   bash benchmarks/gpu_pending.sh train server         # nvidia-h200 (~5 min)
+#   bash benchmarks/gpu_pending.sh tests fused-kernel   # nvidia-h200 (~6 min)
+#   bash benchmarks/gpu_pending.sh fused-engine         # nvidia-h200 (~5 min)
+#   bash benchmarks/gpu_pending.sh adapters             # nvidia-h200 (~6 min)
 #   bash benchmarks/gpu_pending.sh graphs remat         # nvidia-h200 (~8 min)
 #   bash benchmarks/gpu_pending.sh tp                   # nvidia-h200-x2 (~6 min)
+#   bash benchmarks/gpu_pending.sh train server         # nvidia-h200 (~5 min; done 2026-12-01)
 #
-# Still owed (2026-12-01): adapters (issue 7, rerun with the prefill split and freeze_gc),
-# graphs (issue 5, where LoRA's per-launch cost goes), remat (issue 6, gradient
-# checkpointing's memory), tp (issue 5, two GPUs).
+# Still owed (2026-12-01), most useful first: fused-kernel and fused-engine (issue 5: the
+# one-launch LoRA kernel, correct and timed against the split pair), adapters (issue 7, rerun
+# with the prefill split and freeze_gc), graphs (issue 5, where LoRA's per-launch cost
+# goes), tp (issue 5, two GPUs), remat (issue 6, gradient checkpointing's memory).
 # Each section writes its full log to $OUT/<section>.log (the device tool returns $OUT) and
 # prints its last lines; a section that fails or times out does not stop the others.
 set -uo pipefail
@@ -36,6 +39,15 @@ for section in "$@"; do
         run kernel-tests 240 env JAX_PLATFORMS=cuda $py -m pytest -q \
             tests/pallas_kernels/test_paged_attention.py tests/pallas_kernels/test_lora.py \
             -k "not lowers" ;;
+    fused-kernel)  # issue 5: the fused per-token LoRA kernel compiled for the GPU, then
+                   # llama2-7b's four projection groups, split pair vs one launch vs XLA
+        run fused-tests 150 env JAX_PLATFORMS=cuda $py -m pytest -q \
+            tests/pallas_kernels/test_lora.py -k "fused and not lowers"
+        run bench-apply 240 $py -m benchmarks.bench_lora_kernels --ranks 16 --tokens \
+            --apply 1 8 32 64 128 256 --reps 15 ;;
+    fused-engine)  # issue 5, acceptance 4: the decode step with either LoRA kernel
+        run engine-fused 400 $py -m benchmarks.bench_engine --batch 32 \
+            --workloads base distinct identical --lora-kernel split fused --steps 30 ;;
     adapters)  # issue 7, acceptance 3: working set 8-512 over 32 slots
         run bench-adapters 400 $py -m benchmarks.bench_adapters --model llama2-7b \
             --working-set 8 32 128 512 --slots 32 --rank 16 --rate 8 --requests 200 ;;
@@ -60,6 +72,7 @@ for section in "$@"; do
         run diagnose-tp 300 $py -m benchmarks.diagnose_tp --tp 2
         run tp-compare 280 $py -m benchmarks.bench_engine --batch --tp-compare 2 ;;
     *)
-        echo "unknown section $section (tests kernels adapters train server remat graphs tp)" >&2 ;;
+        echo "unknown section $section (tests kernels fused-kernel fused-engine adapters train" \
+             "server remat graphs tp)" >&2 ;;
     esac
 done
