@@ -108,8 +108,8 @@ class LoraBlocks:
     target_programs: int = 512   # the shrink splits D until about this many programs run...
     max_splits: int = 8          # ...into at most this many parts (the expand adds them up)
     fused_tokens: bool = False   # per-token batches: shrink and expand in one launch
-    fused_programs: int = 256    # the fused kernel splits columns into chunks until about
-    max_chunks: int = 8          # this many programs run, at most this many chunks
+    fused_programs: int = 256    # the fused kernel splits each module's columns into chunks
+    max_chunks: int = 8          # until about this many programs run, into at most max_chunks
 
 
 def v_width(max_rank: int, blocks: LoraBlocks = LoraBlocks()) -> int:
@@ -302,10 +302,11 @@ def lora_apply(x: jax.Array, y: jax.Array, weights: LoraWeights, batch: LoraBatc
 def lora_fused_tokens(x: jax.Array, y: jax.Array, weights: LoraWeights, batch: LoraBatch, *,
                       blocks: LoraBlocks = LoraBlocks(), interpret: bool | None = None
                       ) -> jax.Array:
-    """`lora_apply` for one slot per token in a single Pallas launch: program (t, c) computes
-    token t's v = x[t] @ A[slot] for every module (all R = v_width(max_rank) rank rows in one
+    """`lora_apply` for one slot per token in a single Pallas launch: program (t, m, c)
+    computes token t's v = x[t] @ A_m[slot] (all R = v_width(max_rank) rank rows in one
     tile, rows past the slot's rank masked off, so no memory is read for them) and expands
-    it into chunk c of each module's column blocks. R must be <= POOL_SLACK_ROWS."""
+    it into chunk c of module m's column blocks; chunks are added until about
+    `blocks.fused_programs` programs run. R must be <= POOL_SLACK_ROWS."""
     _check(x, weights, batch, "pallas", "shrink", blocks)
     _check(y, weights, batch, "pallas", "expand", blocks)
     if batch.is_segments:
@@ -321,7 +322,7 @@ def lora_fused_tokens(x: jax.Array, y: jax.Array, weights: LoraWeights, batch: L
     BN = min(_block(n, min(blocks.block_n, max(16, 2 * tile // R)), "module output width")
              for n in widths)
     n_blocks = tuple(n // BN for n in widths)
-    n_chunks = max(1, min(blocks.max_chunks, max(n_blocks), blocks.fused_programs // T))
+    n_chunks = max(1, min(blocks.max_chunks, max(n_blocks), blocks.fused_programs // (T * M)))
     u = _padded_u(weights, R)
     has_u, has_w, has_g = u is not None, weights.w is not None, weights.g is not None
     kernel = functools.partial(
@@ -330,7 +331,7 @@ def lora_fused_tokens(x: jax.Array, y: jax.Array, weights: LoraWeights, batch: L
         has_u=has_u, has_w=has_w, has_g=has_g)
     operands = [*weights.b, *([u] if has_u else []), *(weights.w or ()), *(weights.g or ())]
     return pl.pallas_call(
-        kernel, grid=(T, n_chunks),
+        kernel, grid=(T, M * n_chunks),
         out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
         input_output_aliases={6: 0}, compiler_params=_compiler(blocks),
         interpret=_interpret(interpret),

@@ -178,23 +178,23 @@ def expand_segments_kernel(seg_ref, slot_ref, start_ref, rank_ref, scale_ref, v_
 def fused_tokens_kernel(slot_ref, a_start_ref, b_start_ref, rank_ref, scale_ref, x_ref, y_ref,
                         a_ref, *rest, M, R, block_k, block_n, n_chunks, n_blocks, col_offset,
                         has_u, has_w, has_g):
-    """Program (t, c): token t's whole shrink for each module m (all R rank rows at once, so
-    v stays in registers), then the expand of chunk c of that module's column blocks. Chunks
-    recompute the shrink (its A rows come from L2 after the first) to give small batches
-    more programs; no partial sums go through memory and there is one launch, not two."""
+    """Program (t, m * n_chunks + c): token t's shrink for module m (all R rank rows at once,
+    so v stays in registers), then its expand into chunk c of module m's column blocks.
+    Chunks recompute the shrink (its A rows come from L2 after the first) to give small
+    batches more programs; no partial sums go through memory, and there is one launch."""
     b_refs, rest = rest[:M], rest[M:]
     u_ref, rest = (rest[0], rest[1:]) if has_u else (None, rest)
     w_refs, rest = (rest[:M], rest[M:]) if has_w else (None, rest)
     g_refs, rest = (rest[:M], rest[M:]) if has_g else (None, rest)
     (o_ref,) = rest
-    t, c = pl.program_id(0), pl.program_id(1)
-    s = slot_ref[t]
+    t, mc = pl.program_id(0), pl.program_id(1)
+    s, c = slot_ref[t], mc % n_chunks
     rows = jnp.arange(R)
     for m in range(M):
         rank = rank_ref[m, s]
         nb0, nb1 = c * n_blocks[m] // n_chunks, (c + 1) * n_blocks[m] // n_chunks
 
-        @pl.when((s != 0) & ((rank > 0) | has_g) & (nb1 > nb0))
+        @pl.when((mc // n_chunks == m) & (s != 0) & ((rank > 0) | has_g) & (nb1 > nb0))
         def _(m=m, rank=rank, nb0=nb0, nb1=nb1):
             live = rows < rank
             a0, b0 = a_start_ref[m, s], b_start_ref[m, s]
