@@ -76,7 +76,7 @@ def setup(cfg: ModelConfig, spec: AdapterSpec, batch: int, seq_len: int, dtype, 
     return params, adapters, opt, data
 
 
-def compiled_bytes(adapters, opt, params, data, key, remat: bool) -> dict:
+def compiled_bytes(adapters, opt, params, data, key, remat: bool = False) -> dict:
     """The compiled train step's memory analysis (what XLA plans to hold at once)."""
     m = train_step.lower(adapters, opt, params, data, key, remat=remat).compile() \
         .memory_analysis()

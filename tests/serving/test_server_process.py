@@ -104,6 +104,10 @@ def test_sigterm_drains_then_exits_0(server):
         readers = [threading.Thread(target=drain, args=(i,)) for i in range(n)]
         for t in readers:
             t.start()
+        end = time.monotonic() + 30   # every request has reached the server: all in flight
+        while (lambda i: i.num_running + i.num_waiting)(c.server_info()) < n:
+            assert time.monotonic() < end and all(r is None for r in results)
+            time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
         end = time.monotonic() + 30
         while c.health() != "NOT_SERVING":
