@@ -17,6 +17,7 @@ The last line of stdout is one JSON document.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import threading
 import time
@@ -54,7 +55,16 @@ class Recorder:
         self.tokens: dict[str, list[float]] = {}
         self.loads: list[tuple[float, float]] = []
         self.prefill_steps: list[float] = []     # when a step holding prefill was planned
+        self.gc_pauses: list[tuple[float, float, int]] = []   # (start, end, generation)
         self.lock = threading.Lock()
+        gc_start = [0.0]
+
+        def on_gc(phase, info):   # Python's collector stops every thread while it runs
+            if phase == "start":
+                gc_start[0] = time.monotonic()
+            else:
+                self.gc_pauses.append((gc_start[0], time.monotonic(), info["generation"]))
+        gc.callbacks.append(on_gc)
         accept, load = engine._accept, engine.adapters._load
         schedule = engine.scheduler.schedule
 
@@ -77,6 +87,14 @@ class Recorder:
             with self.lock:
                 self.loads.append((t, time.monotonic()))
         engine._accept, engine.adapters._load = timed_accept, timed_load
+
+    def slowest_loads(self, since: float, n: int = 5) -> list[dict]:
+        """The n slowest loads after `since`: when each started (s into the run), how long
+        it took, and how much of it Python's garbage collector paused every thread."""
+        loads = sorted((x for x in self.loads if x[0] >= since), key=lambda x: x[0] - x[1])
+        return [dict(start_s=a - since, ms=(b - a) * 1e3, gc_ms=1e3 * sum(
+            max(0.0, min(b, g1) - max(a, g0)) for g0, g1, _ in self.gc_pauses))
+            for a, b in loads[:n]]
 
     def itl(self, ids) -> dict[tuple[bool, bool], list[float]]:
         """Inter-token gaps of these requests by (overlapping a load, holding a prefill).
@@ -136,7 +154,9 @@ def run(engine: Engine, rec: Recorder, names: list[str], rate: float, n_requests
                     samples=(len(gaps[True, pre]), len(gaps[False, pre])))
                     for pre in (True, False)},
                 loads=len(load_s), evictions=engine.adapters.cache.evictions - evictions,
-                load_s=percentiles(load_s))
+                load_s=percentiles(load_s), slowest_loads=rec.slowest_loads(t0),
+                gc_pauses=[(round(a - t0, 3), round((b - a) * 1e3, 1), g)
+                           for a, b, g in rec.gc_pauses if a >= t0 and b - a > 0.005])
 
 
 def main():
@@ -197,6 +217,10 @@ def main():
         for kind, d in r["itl_by_prefill"].items():
             print(f"        ITL p50/p99 in {kind} steps: loading {p(d, 'loading')}, quiet "
                   f"{p(d, 'quiet')} ms (samples {d['samples']})", flush=True)
+        print("        slowest loads (start s, ms, of it GC ms): " + ", ".join(
+            f"({x['start_s']:.2f}, {x['ms']:.1f}, {x['gc_ms']:.1f})"
+            for x in r["slowest_loads"]) + f"; GC pauses > 5 ms: {r['gc_pauses'] or 'none'}",
+            flush=True)
     engine.close()
     runs = report["runs"]
     loading = [x for x in runs if x["itl_loading_s"]["p99"] and x["itl_quiet_s"]["p99"]]

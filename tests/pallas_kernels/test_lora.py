@@ -230,19 +230,25 @@ LOWERED = [  # (T, D, widths, max_rank, tied/dora vectors, form, blocks)
 ]
 
 
-@pytest.mark.parametrize("case", LOWERED, ids=lambda c: f"T{c[0]}-{c[5]}-r{c[3]}")
-def test_lowers_for_cuda(case):
-    T, dim, widths, max_rank, vectors, form, blocks = case
+def abstract_weights(dim, widths, max_rank, vectors) -> LoraWeights:
+    """A bf16 bank of 32 slots as shapes only (for lowering), tied/DoRA vectors if asked."""
     sds = jax.ShapeDtypeStruct
     M, S, P = len(widths), 32, 4096
     table = lambda dt=jnp.int32: sds((M, S), dt)  # noqa: E731
-    weights = LoraWeights(
+    return LoraWeights(
         a=sds((P, dim), jnp.bfloat16), b=tuple(sds((P, n), jnp.bfloat16) for n in widths),
         a_start=table(), b_start=table(), rank=table(), scale=table(jnp.float32),
         u=sds((M, S, max_rank), jnp.float32) if vectors else None,
         w=tuple(sds((S, n), jnp.float32) for n in widths) if vectors else None,
         g=tuple(sds((S, n), jnp.float32) for n in widths) if vectors else None,
         max_rank=max_rank)
+
+
+@pytest.mark.parametrize("case", LOWERED, ids=lambda c: f"T{c[0]}-{c[5]}-r{c[3]}")
+def test_lowers_for_cuda(case):
+    T, dim, widths, max_rank, vectors, form, blocks = case
+    sds = jax.ShapeDtypeStruct
+    weights = abstract_weights(dim, widths, max_rank, vectors)
     batch = LoraBatch(token_slots=sds((T,), jnp.int32)) if form == "tokens" else \
         LoraBatch(seg_starts=sds((9,), jnp.int32), seg_slots=sds((8,), jnp.int32))
     fn = jax.jit(lambda x, y, w, b: lora_apply(x, y, w, b, blocks=blocks, interpret=False))
@@ -387,15 +393,7 @@ FUSED_LOWERED = [  # (T, D, widths, max_rank, tied/dora vectors): llama2-7b's fo
 def test_fused_lowers_for_cuda_as_one_kernel(case):
     T, dim, widths, max_rank, vectors = case
     sds = jax.ShapeDtypeStruct
-    M, S, P = len(widths), 32, 4096
-    table = lambda dt=jnp.int32: sds((M, S), dt)  # noqa: E731
-    weights = LoraWeights(
-        a=sds((P, dim), jnp.bfloat16), b=tuple(sds((P, n), jnp.bfloat16) for n in widths),
-        a_start=table(), b_start=table(), rank=table(), scale=table(jnp.float32),
-        u=sds((M, S, max_rank), jnp.float32) if vectors else None,
-        w=tuple(sds((S, n), jnp.float32) for n in widths) if vectors else None,
-        g=tuple(sds((S, n), jnp.float32) for n in widths) if vectors else None,
-        max_rank=max_rank)
+    weights = abstract_weights(dim, widths, max_rank, vectors)
     fn = jax.jit(lambda x, y, w, b: lora_apply(x, y, w, b, blocks=LoraBlocks(fused_tokens=True),
                                                interpret=False))
     text = fn.trace(sds((T, dim), jnp.bfloat16), sds((T, sum(widths)), jnp.bfloat16), weights,
