@@ -3,7 +3,8 @@
 # Run on the GPU machine from the repository root, after installing the wheels it lacks
 # (grpcio and friends, protobuf, gguf, prometheus_client; see the device tool's README):
 #
-#   bash benchmarks/gpu_pending.sh tests fused-kernel   # nvidia-h200 (~6 min)
+#   bash benchmarks/gpu_pending.sh fused-kernel         # nvidia-h200 (~8 min)
+#   bash benchmarks/gpu_pending.sh tests                # nvidia-h200 (~2 min)
 #   bash benchmarks/gpu_pending.sh fused-engine         # nvidia-h200 (~5 min)
 #   bash benchmarks/gpu_pending.sh adapters             # nvidia-h200 (~6 min)
 #   bash benchmarks/gpu_pending.sh graphs remat         # nvidia-h200 (~8 min)
@@ -43,8 +44,8 @@ for section in "$@"; do
                    # llama2-7b's four projection groups, split pair vs one launch vs XLA
         run fused-tests 150 env JAX_PLATFORMS=cuda $py -m pytest -q \
             tests/pallas_kernels/test_lora.py -k "fused and not lowers"
-        run bench-apply 240 $py -m benchmarks.bench_lora_kernels --ranks 16 --tokens \
-            --apply 1 8 32 64 128 256 --reps 15 ;;
+        run bench-apply 360 $py -m benchmarks.bench_lora_kernels --ranks 16 --tokens \
+            --apply 1 8 32 64 256 --reps 15 ;;
     fused-engine)  # issue 5, acceptance 4: the decode step with either LoRA kernel
         run engine-fused 400 $py -m benchmarks.bench_engine --batch 32 \
             --workloads base distinct identical --lora-kernel split fused --steps 30 ;;
