@@ -34,7 +34,7 @@ from jlora.paged import init_pages
 from jlora.sampling import SamplingParams, seed_key
 from jlora.tokenizer import IncrementalDecoder
 from pallas_kernels import default_impl
-from pallas_kernels.lora import LoraBlocks
+from pallas_kernels.lora import POOL_SLACK_ROWS, LoraBlocks, v_width
 from serving import sharding
 from serving.adapter_cache import AdapterCache, UnknownAdapter
 from serving.adapter_store import AdapterStore, make_bank
@@ -128,6 +128,11 @@ class Engine:
         if config.lora_kernel not in LORA_KERNELS:
             raise ValueError(f"lora_kernel={config.lora_kernel!r} is not one of {LORA_KERNELS}")
         self.lora_blocks = LoraBlocks(fused_tokens=config.lora_kernel == "fused")
+        if self.lora_blocks.fused_tokens and self.bank is not None and \
+                v_width(self.bank.max_rank, self.lora_blocks) > POOL_SLACK_ROWS:
+            raise ValueError(f"lora_kernel='fused' serves ranks up to {POOL_SLACK_ROWS}; this "
+                             f"bank's slots hold rank {self.bank.max_rank} (lower "
+                             f"max_lora_rank, or use lora_kernel='split')")
         max_len = min(config.max_seq_len or cfg.max_seq_len, cfg.max_seq_len)
         self.sched_config = config.scheduler_config(max_len)
         num_pages = config.num_pages or self._default_pages(max_len)   # after the bank

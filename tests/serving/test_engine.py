@@ -266,3 +266,8 @@ def test_fused_lora_kernel_in_the_engine_matches_xla_generation_alone():
     with pytest.raises(ValueError, match=r"lora_kernel='bgmv' is not one of \('split', "
                                          r"'fused'\)"):
         Engine(model, EngineConfig(max_seqs=4, num_pages=14, lora_kernel="bgmv"))
+    wide = Model(model.config, model.params, None, "tiny-gqa")
+    with pytest.raises(ValueError, match=r"lora_kernel='fused' serves ranks up to 64; this "
+                                         r"bank's slots hold rank 128 \(lower max_lora_rank"):
+        Engine(wide, EngineConfig(max_seqs=4, num_pages=14, max_loras=2, max_lora_rank=128,
+                                  lora_kernel="fused"))
