@@ -32,6 +32,7 @@ from jlora.config import preset
 from jlora.loader import Model
 from jlora.model import init_params
 from jlora.sampling import SamplingParams
+from serving.adapter_store import HOST_MEMORY
 from serving.engine import Engine, EngineConfig
 
 
@@ -65,7 +66,18 @@ class Recorder:
             else:
                 self.gc_pauses.append((gc_start[0], time.monotonic(), info["generation"]))
         gc.callbacks.append(on_gc)
+        self.puts: list[tuple[float, float]] = []   # slot_data calls: host side of a copy
         accept, load = engine._accept, engine.adapters._load
+        bank = engine.adapters.bank
+        slot_data = bank.slot_data
+
+        def timed_slot_data(*args):
+            t = time.monotonic()
+            out = slot_data(*args)
+            with self.lock:
+                self.puts.append((t, time.monotonic()))
+            return out
+        bank.slot_data = timed_slot_data
         schedule = engine.scheduler.schedule
 
         def timed_schedule():
@@ -90,11 +102,15 @@ class Recorder:
 
     def slowest_loads(self, since: float, n: int = 5) -> list[dict]:
         """The n slowest loads after `since`: when each started (s into the run), how long
-        it took, and how much of it Python's garbage collector paused every thread."""
+        it took, how much of it was the copy's host side (the call that starts it; the rest
+        is reading and packing, or waiting for the transfer) and how much of it Python's
+        garbage collector paused every thread."""
         loads = sorted((x for x in self.loads if x[0] >= since), key=lambda x: x[0] - x[1])
-        return [dict(start_s=a - since, ms=(b - a) * 1e3, gc_ms=1e3 * sum(
-            max(0.0, min(b, g1) - max(a, g0)) for g0, g1, _ in self.gc_pauses))
-            for a, b in loads[:n]]
+
+        def within(a, b, intervals):
+            return 1e3 * sum(max(0.0, min(b, y) - max(a, x)) for x, y, *_ in intervals)
+        return [dict(start_s=a - since, ms=(b - a) * 1e3, put_ms=within(a, b, self.puts),
+                     gc_ms=within(a, b, self.gc_pauses)) for a, b in loads[:n]]
 
     def itl(self, ids) -> dict[tuple[bool, bool], list[float]]:
         """Inter-token gaps of these requests by (overlapping a load, holding a prefill).
@@ -170,6 +186,8 @@ def main():
     ap.add_argument("--max-len", type=int, default=256, help="input/output ~ U[8, max-len)")
     ap.add_argument("--max-seqs", type=int, default=64)
     ap.add_argument("--impl", default=None, choices=["pallas", "xla"])
+    ap.add_argument("--host-memory", default="pinned", choices=HOST_MEMORY,
+                    help="where the host tier keeps adapters' slot-ready rows")
     args = ap.parse_args()
 
     impl = args.impl or ("pallas" if jax.default_backend() == "gpu" else "xla")
@@ -178,13 +196,14 @@ def main():
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
           f"model {cfg.name}, {jnp.dtype(dtype).name}, impl {impl}, {args.slots} slots, "
-          f"rank {args.rank}", flush=True)
+          f"rank {args.rank}, host memory {args.host_memory}", flush=True)
     model = Model(cfg, init_params(cfg, jax.random.key(0), dtype), None, cfg.name)
     pages = args.max_seqs * -(-2 * args.max_len // 16) + 1
     config = EngineConfig(max_seqs=args.max_seqs, page_size=16, num_pages=pages,
                           prefill_budget=512, decode_buckets=tuple(sorted({0, 16, args.max_seqs})),
                           prefill_buckets=(0, 128, 512), impl=impl, max_loras=args.slots,
-                          max_lora_rank=args.rank, host_lora_gb=1e6, freeze_gc=True)
+                          max_lora_rank=args.rank, host_lora_gb=1e6, freeze_gc=True,
+                          host_lora_memory=args.host_memory)
     t = time.perf_counter()
     engine = Engine(model, config)
     compile_s = time.perf_counter() - t
@@ -202,6 +221,7 @@ def main():
     engine.submit([5] * 20, SamplingParams(max_tokens=4), adapter=spare.name).result()
     report = dict(bench="adapters", device=device.device_kind, jax=jax.__version__,
                   model=cfg.name, slots=args.slots, rank=args.rank, rate=args.rate,
+                  host_memory=args.host_memory,
                   compile_s=compile_s, register_s=register_s, runs=[])
     for i, w in enumerate(args.working_set):
         r = run(engine, rec, [a.name for a in adapters[:w]], args.rate, args.requests,
@@ -217,8 +237,8 @@ def main():
         for kind, d in r["itl_by_prefill"].items():
             print(f"        ITL p50/p99 in {kind} steps: loading {p(d, 'loading')}, quiet "
                   f"{p(d, 'quiet')} ms (samples {d['samples']})", flush=True)
-        print("        slowest loads (start s, ms, of it GC ms): " + ", ".join(
-            f"({x['start_s']:.2f}, {x['ms']:.1f}, {x['gc_ms']:.1f})"
+        print("        slowest loads (start s, ms, of it copy call ms, GC ms): " + ", ".join(
+            f"({x['start_s']:.2f}, {x['ms']:.1f}, {x['put_ms']:.1f}, {x['gc_ms']:.1f})"
             for x in r["slowest_loads"]) + f"; GC pauses > 5 ms: {r['gc_pauses'] or 'none'}",
             flush=True)
     engine.close()

@@ -3,18 +3,19 @@
 # Run on the GPU machine from the repository root, after installing the wheels it lacks
 # (grpcio and friends, protobuf, gguf, prometheus_client; see the device tool's README):
 #
-#   bash benchmarks/gpu_pending.sh fused-kernel         # nvidia-h200 (~8 min)
+#   bash benchmarks/gpu_pending.sh fused-kernel         # nvidia-h200 (~8 min; done 2026-12-01)
 #   bash benchmarks/gpu_pending.sh tests                # nvidia-h200 (~2 min)
-#   bash benchmarks/gpu_pending.sh fused-engine         # nvidia-h200 (~5 min)
+#   bash benchmarks/gpu_pending.sh fused-engine         # nvidia-h200 (~5 min; done 2026-12-01)
 #   bash benchmarks/gpu_pending.sh adapters             # nvidia-h200 (~6 min)
 #   bash benchmarks/gpu_pending.sh graphs remat         # nvidia-h200 (~8 min)
 #   bash benchmarks/gpu_pending.sh tp                   # nvidia-h200-x2 (~6 min)
 #   bash benchmarks/gpu_pending.sh train server         # nvidia-h200 (~5 min; done 2026-12-01)
 #
-# Still owed (2026-12-01), most useful first: fused-kernel and fused-engine (issue 5: the
-# one-launch LoRA kernel, correct and timed against the split pair), adapters (issue 7, rerun
-# with the prefill split and freeze_gc), graphs (issue 5, where LoRA's per-launch cost
-# goes), tp (issue 5, two GPUs), remat (issue 6, gradient checkpointing's memory).
+# Still owed (2026-12-01, second session), most useful first: adapters (issue 7: the full
+# sweep with loads as three copies; only W=128 was run with them), graphs (issue 5: where
+# LoRA's per-step cost goes, now that halving its launches with the fused kernel made the
+# step slower), tp (issue 5, two GPUs; that kind was not lent), remat (issue 6). fused-kernel
+# and fused-engine ran: the fused kernel is slower (RESULTS.md).
 # Each section writes its full log to $OUT/<section>.log (the device tool returns $OUT) and
 # prints its last lines; a section that fails or times out does not stop the others.
 set -uo pipefail

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -160,12 +161,19 @@ class AdapterBank:
             raise ValueError(f"adapter {adapter.name!r} is DoRA but this bank was made without "
                              f"the 'dora' feature ({self.features})")
 
-    def put(self, adapter: Adapter, slot: int, data: dict) -> None:
+    def put(self, adapter: Adapter, slot: int, data: "SlotData") -> None:
         """Write `slot_data(adapter, params, slot)` into the slot, in place (asynchronously:
         steps dispatched before read the old contents, steps after the new)."""
         if not 1 <= slot < self.n_slots:
             raise ValueError(f"slot {slot} is outside 1..{self.n_slots - 1}")
-        self.arrays = _write_slot(self.arrays, jnp.int32(slot), data)
+        sharding = jax.tree.leaves(self.arrays)[0].sharding
+        if len(sharding.device_set) > 1:   # a bank laid out over a mesh: every device gets
+            # the slot's rows, and the bank's layout decides what each keeps
+            data = data._replace(**dict(zip(("rows", "ints", "floats"), jax.device_put(
+                data.arrays, jax.sharding.NamedSharding(sharding.mesh,
+                                                        jax.sharding.PartitionSpec())))))
+        self.arrays = _write_slot(self.arrays, jnp.int32(slot), data.arrays,
+                                  layout=data.layout)
         old = self.adapters.pop(slot, None)
         if old is not None and self.slots.get(old.name) == slot:
             del self.slots[old.name]
@@ -188,11 +196,14 @@ class AdapterBank:
                              f"of capacity {R} cannot hold it")
         shapes, dtype = target_shapes(cfg), np.dtype(self.dtype)
         tied = adapter.variant == "tied"
-        pools, tables = {}, {}
+        row_shapes = _row_shapes(cfg, R)
+        rows = np.zeros(sum(int(np.prod(x)) for x in row_shapes), dtype)
+        views = iter(_split(rows, row_shapes))   # each group's A rows, then its B rows
+        tables = {}
         for group, targets in GROUPS.items():
             M, widths = len(targets), [shapes[t][1] for t in targets]
-            a_rows = np.zeros((L * M * R, shapes[targets[0]][0]), dtype)
-            b_rows = [np.zeros((L * R, n), dtype) for n in widths]
+            a_rows = next(views)
+            b_rows = [next(views) for _ in widths]
             t = {k: np.zeros((L, M), np.int32) for k in ("a_start", "b_start", "rank")}
             t["scale"] = np.zeros((L, M), np.float32)
             t["u"] = np.ones((L, M, v_width(self.max_rank)), np.float32)
@@ -220,43 +231,104 @@ class AdapterBank:
                 if feature not in self.features:
                     for k in keys:
                         del t[k]
-            pools[group], tables[group] = (a_rows, tuple(b_rows)), t
-        return Packed(capacity=R, pools=pools, tables=tables)
+            tables[group] = t
+        return Packed(capacity=R, rows=rows, tables=tables)
 
     def slot_data(self, adapter: Adapter, params, slot: int,
-                  packed: "Packed | None" = None) -> dict:
-        """Device arrays for slot `slot`: its pool row ranges and its table column (tables
-        stacked over layers), copied in one transfer; the step's arrays are not touched.
-        `packed` is `pack(adapter, params, capacity of slot)` if already made."""
+                  packed: "Packed | None" = None, device=None) -> "SlotData":
+        """Device arrays for slot `slot`, copied to `device` (a device or sharding; default:
+        JAX's default) as three buffers: the pool rows, and the slot's table column (tables
+        stacked over layers) and row offsets as one int32 and one float32 buffer. Three
+        transfers, not one per array: a copy call costs tens of microseconds of Python per
+        array, on a loader thread that holds the GIL the step thread needs. The step's arrays
+        are not touched. `packed` is `pack(adapter, params, capacity of slot)` if already
+        made; its rows may be a numpy or a pinned host array."""
         R = self.slot_ranks[slot]
         if packed is None or packed.capacity != R:
             packed = self.pack(adapter, params, R)
-        pools, tables = {}, {}
+        bases, tables = {}, {}
         for group, targets in GROUPS.items():
-            a_base, b_base = self.slot_rows(len(targets), slot, 0, 0)
-            a_rows, b_rows = packed.pools[group]
+            bases[group] = np.array(self.slot_rows(len(targets), slot, 0, 0), np.int32)
             t = dict(packed.tables[group])
             on = t["rank"] > 0   # a module the adapter lacks keeps start 0 (and rank 0)
-            t["a_start"] = np.where(on, t["a_start"] + a_base, 0).astype(np.int32)
-            t["b_start"] = np.where(on, t["b_start"] + b_base, 0).astype(np.int32)
-            pools[group], tables[group] = (a_rows, a_base, b_rows, b_base), t
-        return jax.device_put({"pools": pools, "tables": tables})
+            t["a_start"] = np.where(on, t["a_start"] + bases[group][0], 0).astype(np.int32)
+            t["b_start"] = np.where(on, t["b_start"] + bases[group][1], 0).astype(np.int32)
+            tables[group] = t
+        ints, floats, layout = _join({"bases": bases, "tables": tables})
+        rows, ints, floats = jax.device_put((packed.rows, ints, floats), device)
+        return SlotData(rows, ints, floats, (_row_shapes(self.cfg, R), layout))
+
+
+class SlotData(NamedTuple):
+    """One slot's contents on the device, as `AdapterBank.slot_data` copies them: `rows`
+    (the pools' rows, in `_row_shapes` order), `ints` and `floats` (everything else), and the
+    static layout that splits them again."""
+
+    rows: jax.Array
+    ints: jax.Array
+    floats: jax.Array
+    layout: tuple
+
+    @property
+    def arrays(self) -> tuple:
+        return self.rows, self.ints, self.floats
+
+
+def _row_shapes(cfg: ModelConfig, R: int) -> tuple[tuple[int, int], ...]:
+    """Shapes of a slot of capacity R's pool rows, one buffer's order: per group its A rows
+    [L*M*R, D_in], then each module's B rows [L*R, N_m]."""
+    shapes, L, out = target_shapes(cfg), cfg.n_layers, []
+    for targets in GROUPS.values():
+        out.append((L * len(targets) * R, shapes[targets[0]][0]))
+        out.extend((L * R, shapes[t][1]) for t in targets)
+    return tuple(out)
+
+
+def _split(flat, shapes) -> list:
+    """`flat` cut into consecutive arrays of these shapes (views of a numpy array)."""
+    out, i = [], 0
+    for shape in shapes:
+        n = int(np.prod(shape))
+        out.append(flat[i:i + n].reshape(shape))
+        i += n
+    return out
+
+
+def _join(tree) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """A tree of int32 and float32 host arrays as one buffer of each, and the static layout
+    (tree structure, each leaf's kind and shape) that `_unjoin` undoes it with."""
+    leaves, treedef = jax.tree.flatten(tree)
+    leaves = [np.asarray(x) for x in leaves]
+    kinds = tuple("i" if x.dtype == np.int32 else "f" for x in leaves)
+    assert all(x.dtype in (np.int32, np.float32) for x in leaves), [x.dtype for x in leaves]
+    joined = {k: np.concatenate([x.ravel() for x, kind in zip(leaves, kinds) if kind == k]
+                                or [np.zeros(0, np.int32 if k == "i" else np.float32)])
+              for k in "if"}
+    return joined["i"], joined["f"], (treedef, kinds, tuple(x.shape for x in leaves))
+
+
+def _unjoin(ints, floats, layout):
+    treedef, kinds, shapes = layout
+    parts = {"i": iter(_split(ints, [s for s, k in zip(shapes, kinds) if k == "i"])),
+             "f": iter(_split(floats, [s for s, k in zip(shapes, kinds) if k == "f"]))}
+    return jax.tree.unflatten(treedef, [next(parts[k]) for k in kinds])
 
 
 @dataclass(frozen=True)
 class Packed:
-    """One adapter's slot contents on the host, for slots of rank capacity `capacity`: pools
-    [group] = (A rows [L*M*R, D_in], (B_m rows [L*R, N_m], ...)) in the bank's dtype; tables
-    [group] as the bank's column of a slot, [L, ...], with starts counted from the slot's own
-    first rows (`AdapterBank.slot_data` adds the slot's offsets)."""
+    """One adapter's slot contents on the host, for slots of rank capacity `capacity`: rows,
+    one buffer in the bank's dtype holding per group A rows [L*M*R, D_in] then each module's
+    B rows [L*R, N_m] (`_row_shapes`); tables[group] as the bank's column of a slot, [L, ...],
+    with starts counted from the slot's own first rows (`AdapterBank.slot_data` adds the
+    slot's offsets)."""
 
     capacity: int
-    pools: dict
+    rows: np.ndarray   # or a jax.Array in pinned host memory
     tables: dict
 
     @property
     def nbytes(self) -> int:
-        return sum(x.nbytes for x in jax.tree.leaves((self.pools, self.tables)))
+        return self.rows.nbytes + sum(x.nbytes for x in jax.tree.leaves(self.tables))
 
 
 def _rows_in_slot(M: int, R: int, layer: int, m: int) -> tuple[int, int]:
@@ -264,25 +336,30 @@ def _rows_in_slot(M: int, R: int, layer: int, m: int) -> tuple[int, int]:
     return (layer * M + m) * R, layer * R
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _write_slot(arrays: BankArrays, slot: jax.Array, data: dict) -> BankArrays:
+@functools.partial(jax.jit, donate_argnums=0, static_argnames="layout")
+def _write_slot(arrays: BankArrays, slot: jax.Array, data: tuple, layout: tuple) -> BankArrays:
     """Write one slot's rows and table column in place (one program per slot capacity).
-    data["tables"][group][key] is stacked over layers like the bank's: [L, ...]."""
+    data = `SlotData.arrays`; the tables in it are stacked over layers like the bank's."""
+    rows, ints, floats = data
+    row_shapes, leaf_layout = layout
+    d = _unjoin(ints, floats, leaf_layout)
+    views = iter(_split(rows, row_shapes))
     pools = {}
-    for group, (a, b) in arrays.pools.items():
-        rows_a, a_base, rows_b, b_base = data["pools"][group]
-        a = jax.lax.dynamic_update_slice(a, rows_a, (a_base, 0))
-        b = tuple(jax.lax.dynamic_update_slice(bm, rb, (b_base, 0)) for bm, rb in zip(b, rows_b))
+    for group in GROUPS:   # the rows' order (a traced dict's keys come sorted)
+        a, b = arrays.pools[group]
+        a_base, b_base = d["bases"][group][0], d["bases"][group][1]
+        a = jax.lax.dynamic_update_slice(a, next(views), (a_base, 0))
+        b = tuple(jax.lax.dynamic_update_slice(bm, next(views), (b_base, 0)) for bm in b)
         pools[group] = (a, b)
     tables = {}
     for group, t in arrays.tables.items():
-        d = data["tables"][group]
-        n = {k: t[k].at[:, :, slot].set(d[k]) for k in ("a_start", "b_start", "rank", "scale")}
+        d_t = d["tables"][group]
+        n = {k: t[k].at[:, :, slot].set(d_t[k]) for k in ("a_start", "b_start", "rank", "scale")}
         if "u" in t:
-            n["u"] = t["u"].at[:, :, slot].set(d["u"])
-            n["w"] = tuple(x.at[:, slot].set(y) for x, y in zip(t["w"], d["w"]))
+            n["u"] = t["u"].at[:, :, slot].set(d_t["u"])
+            n["w"] = tuple(x.at[:, slot].set(y) for x, y in zip(t["w"], d_t["w"]))
         if "g" in t:
-            n["g"] = tuple(x.at[:, slot].set(y) for x, y in zip(t["g"], d["g"]))
+            n["g"] = tuple(x.at[:, slot].set(y) for x, y in zip(t["g"], d_t["g"]))
         tables[group] = n
     return BankArrays(pools=pools, tables=tables, max_rank=arrays.max_rank)
 

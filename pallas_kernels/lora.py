@@ -116,6 +116,12 @@ def v_width(max_rank: int, blocks: LoraBlocks = LoraBlocks()) -> int:
     return max(blocks.block_r, pl.next_power_of_2(max_rank))
 
 
+def fused_fits(max_rank: int, blocks: LoraBlocks = LoraBlocks()) -> bool:
+    """Can `lora_fused_tokens` serve a bank of this rank? It reads all v_width rank rows of
+    a slot in one tile, which the pools' slack rows must cover."""
+    return v_width(max_rank, blocks) <= POOL_SLACK_ROWS
+
+
 def _pow2_divisor(n: int, cap: int) -> int:
     """The largest power of two <= cap that divides n."""
     d = 1
@@ -292,7 +298,7 @@ def lora_apply(x: jax.Array, y: jax.Array, weights: LoraWeights, batch: LoraBatc
     With `blocks.fused_tokens`, a per-token batch whose bank holds ranks <= POOL_SLACK_ROWS
     runs both in one kernel (`lora_fused_tokens`)."""
     if (impl == "pallas" and blocks.fused_tokens and not batch.is_segments
-            and v_width(weights.max_rank, blocks) <= POOL_SLACK_ROWS):
+            and fused_fits(weights.max_rank, blocks)):
         return lora_fused_tokens(x, y, weights, batch, blocks=blocks, interpret=interpret)
     v = lora_shrink(x, weights, batch, impl=impl, blocks=blocks, interpret=interpret)
     return lora_expand(y, v, weights, batch, impl=impl, blocks=blocks, interpret=interpret)
@@ -312,7 +318,7 @@ def lora_fused_tokens(x: jax.Array, y: jax.Array, weights: LoraWeights, batch: L
     if batch.is_segments:
         raise ValueError("lora_fused_tokens takes token_slots, not segments")
     R = v_width(weights.max_rank, blocks)
-    if R > POOL_SLACK_ROWS:
+    if not fused_fits(weights.max_rank, blocks):
         raise ValueError(f"the fused kernel reads R={R} rank rows per slot at once; at most "
                          f"{POOL_SLACK_ROWS} (max_rank={weights.max_rank})")
     T, D = x.shape

@@ -9,13 +9,22 @@ packs) when the host tier no longer holds an adapter, and copies its packed rows
 device. The step thread then only dispatches the in-place write (`commit`), which queues
 behind the steps already dispatched, so steps never wait for a load and never see a
 half-written slot.
+
+The host tier keeps packed rows in page-locked ("pinned") host memory where the backend
+has it, so a load's big copy is a DMA, not staged through the CPU. A load is three
+transfers (`AdapterBank.slot_data`), not one per array. The loader thread holds the GIL
+while it issues them, and the step thread needs the GIL each time it comes back from the
+device. On the H200, ~60 per-array copies made the decode steps beside a load 30-50%
+slower at the median; three make them ~4% slower (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
+import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,11 +34,13 @@ import jax
 import numpy as np
 
 from jlora.adapters import Adapter, ModuleAdapter, target_shapes
-from jlora.bank import EMPTY, AdapterBank, dora_scale, slot_bytes
+from jlora.bank import EMPTY, AdapterBank, Packed, dora_scale, slot_bytes
 from jlora.formats.native import read_adapter
 from serving.adapter_cache import AdapterCache, Entry, UnknownAdapter
 
-__all__ = ["AdapterInfo", "AdapterStore", "UnknownAdapter", "make_bank"]
+__all__ = ["HOST_MEMORY", "AdapterInfo", "AdapterStore", "UnknownAdapter", "make_bank"]
+
+HOST_MEMORY = ("pinned", "pageable")
 
 
 def make_bank(model, config) -> AdapterBank | None:
@@ -84,8 +95,22 @@ class AdapterInfo:
 
 
 class AdapterStore:
-    def __init__(self, bank: AdapterBank, params, cache: AdapterCache):
+    def __init__(self, bank: AdapterBank, params, cache: AdapterCache,
+                 host_memory: str = "pinned"):
+        if host_memory not in HOST_MEMORY:
+            raise ValueError(f"host_memory={host_memory!r} is not one of {HOST_MEMORY}")
         self.bank, self.params, self.cache = bank, params, cache
+        # loads go to the device holding the bank (the first of a mesh's: the engine then
+        # lays the bank out over the mesh again)
+        device = min(jax.tree.leaves(bank.arrays)[0].devices(), key=lambda d: d.id)
+        self.device = jax.sharding.SingleDeviceSharding(device)   # its default memory
+        if len(jax.tree.leaves(bank.arrays)[0].sharding.device_set) == 1:
+            # committed there, like the loads' rows: a slot write is then one program, the
+            # one warm_up compiles
+            bank.arrays = jax.device_put(bank.arrays, self.device)
+        kinds = {m.kind for m in device.addressable_memories()}
+        self.pinned = (jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+                       if host_memory == "pinned" and "pinned_host" in kinds else None)
         self._done: list[tuple] = []        # finished loads, for the step thread
         self._done_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -123,7 +148,7 @@ class AdapterStore:
         # packed now, for the least slot capacity that holds it (the slot it will get unless
         # only larger ones are free): a load is then a copy
         capacity = min(c for c in self.bank.slot_ranks[1:] if c >= max(rank, 1))
-        packed = self.bank.pack(adapter, self.params, capacity)
+        packed = self._pin(self.bank.pack(adapter, self.params, capacity))
         return Entry(name=name, version=1, path=path, variant=adapter.variant, rank=rank,
                      targets=adapter.targets, nbytes=adapter.nbytes() + packed.nbytes,
                      adapter=adapter, packed=packed, pinned=pin)
@@ -194,6 +219,19 @@ class AdapterStore:
             if bank is self.bank:
                 self.cache.place(entry, slot)
 
+    def _pin(self, packed: Packed) -> Packed:
+        """`packed` with its rows (nearly all its bytes) moved to pinned host memory, when
+        the store keeps them there. Pinned memory is a bounded pool (XLA's GPU client: 64 GB
+        unless XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB says otherwise); past it, rows stay pageable."""
+        if self.pinned is None:
+            return packed
+        try:
+            return dataclasses.replace(packed, rows=jax.device_put(packed.rows, self.pinned))
+        except jax.errors.JaxRuntimeError as e:
+            warnings.warn(f"pinned host memory is full ({e}); this adapter's rows stay in "
+                          "pageable memory, and loading it will slow the steps beside it")
+            return packed
+
     # ------------------------------------------------------------------ step thread
     def commit(self) -> list[tuple[Entry, str]]:
         """Write finished loads into the bank; returns the (entry, error) of failed ones."""
@@ -227,7 +265,10 @@ class AdapterStore:
                 # nothing there can be evicted, so nothing will ever be loaded there
                 slot = (free or known)[0]
                 adapter = bank.adapters.get(slot, EMPTY)
-                bank.put(adapter, slot, bank.slot_data(adapter, self.params, slot))
+                bank.put(adapter, slot, bank.slot_data(adapter, self.params, slot,
+                                                       self._pin(bank.pack(
+                                                           adapter, self.params, rank)),
+                                                       self.device))
         if "dora" in bank.features:   # DoRA's scale: one program per target module
             for target, (n_in, n_out) in target_shapes(bank.cfg).items():
                 mod = ModuleAdapter(a=np.ones((1, n_in), np.float32),
@@ -265,10 +306,11 @@ class AdapterStore:
         try:
             if adapter is None:
                 adapter = read_adapter(entry.path, self.bank.cfg.n_layers, entry.name)
-                packed = self.bank.pack(adapter, self.params, self.bank.slot_ranks[slot])
+                packed = self._pin(self.bank.pack(adapter, self.params,
+                                                  self.bank.slot_ranks[slot]))
                 self.cache.keep_host(entry, adapter, packed)
-            data = jax.block_until_ready(self.bank.slot_data(adapter, self.params, slot,
-                                                             packed))
+            data = self.bank.slot_data(adapter, self.params, slot, packed, self.device)
+            jax.block_until_ready(data.arrays)
             result = (entry, slot, adapter, data, time.perf_counter() - t0, None)
         except Exception as e:   # a file changed or broke since it was registered
             result = (entry, slot, None, None, 0.0,

@@ -34,10 +34,10 @@ from jlora.paged import init_pages
 from jlora.sampling import SamplingParams, seed_key
 from jlora.tokenizer import IncrementalDecoder
 from pallas_kernels import default_impl
-from pallas_kernels.lora import POOL_SLACK_ROWS, LoraBlocks, v_width
+from pallas_kernels.lora import POOL_SLACK_ROWS, LoraBlocks, fused_fits
 from serving import sharding
 from serving.adapter_cache import AdapterCache, UnknownAdapter
-from serving.adapter_store import AdapterStore, make_bank
+from serving.adapter_store import HOST_MEMORY, AdapterStore, make_bank
 from serving.fairness import FairShare
 from serving.kv_cache import PageAllocator
 from serving.metrics import EngineMetrics
@@ -79,6 +79,8 @@ class EngineConfig:
     lora_slot_ranks: tuple[int, ...] = ()   # each slot's rank capacity, instead of max_loras
                                             # slots of max_lora_rank: small ones cost less
     host_lora_gb: float = 8.0     # host memory for adapters off the GPU (LRU by bytes)
+    host_lora_memory: str = "pinned"   # where the host tier keeps slot-ready rows: "pinned"
+                                  # (page-locked: a load's copy is a DMA) or "pageable"
     adapter_dir: str = ""         # register every adapter directory in it at start-up
     policy: str = "vtc"           # admission order: "vtc" (fair per tenant) or "fcfs"
     tenant_weights: tuple[tuple[str, float], ...] = ()   # VTC weights, default 1
@@ -127,9 +129,12 @@ class Engine:
         self.impl = config.impl or default_impl()
         if config.lora_kernel not in LORA_KERNELS:
             raise ValueError(f"lora_kernel={config.lora_kernel!r} is not one of {LORA_KERNELS}")
+        if config.host_lora_memory not in HOST_MEMORY:
+            raise ValueError(f"host_lora_memory={config.host_lora_memory!r} is not one of "
+                             f"{HOST_MEMORY}")
         self.lora_blocks = LoraBlocks(fused_tokens=config.lora_kernel == "fused")
         if self.lora_blocks.fused_tokens and self.bank is not None and \
-                v_width(self.bank.max_rank, self.lora_blocks) > POOL_SLACK_ROWS:
+                not fused_fits(self.bank.max_rank, self.lora_blocks):
             raise ValueError(f"lora_kernel='fused' serves ranks up to {POOL_SLACK_ROWS}; this "
                              f"bank's slots hold rank {self.bank.max_rank} (lower "
                              f"max_lora_rank, or use lora_kernel='split')")
@@ -141,7 +146,8 @@ class Engine:
         if self.bank is not None:
             cache = AdapterCache(self.bank.n_slots - 1, int(config.host_lora_gb * 1e9),
                                  self.bank.slot_ranks[1:])
-            self.adapters = AdapterStore(self.bank, model.params, cache)
+            self.adapters = AdapterStore(self.bank, model.params, cache,
+                                         config.host_lora_memory)
             if model.bank is not None:
                 self.adapters.adopt(model.bank)
             if config.adapter_dir:

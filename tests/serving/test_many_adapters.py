@@ -265,3 +265,27 @@ def test_scan_prepares_in_parallel_and_stops_at_the_first_bad_adapter(setup, tmp
         eng.close()
     ref = Oracle(params)([5, 6, 7], greedy, read_adapter(tmp_path / "s2", CFG.n_layers, "s2"))
     assert got.token_ids == ref.token_ids
+
+
+def test_host_tier_rows_are_pinned_or_pageable_as_configured(setup):
+    """host_lora_memory="pinned" (the default) keeps each adapter's packed rows in pinned
+    host memory, "pageable" in numpy; both serve the same tokens, and another value is
+    refused by name."""
+    _, params = setup
+    prompts, sampling = [[5, 6, 7, 8], [9, 10]], SamplingParams(max_tokens=5, ignore_eos=True)
+    outputs = {}
+    for memory in ("pinned", "pageable"):
+        eng = Engine(Model(CFG, params, None, "tiny"),
+                     replace(CONFIG, max_loras=1, host_lora_memory=memory))
+        for i in (1, 2):   # two adapters, one slot: the second load replaces the first
+            eng.adapters.load(f"ad{i}", make_adapter(i))
+        rows = eng.adapters.cache.get("ad1").packed.rows
+        if memory == "pinned":
+            assert rows.sharding.memory_kind == "pinned_host"
+        else:
+            assert isinstance(rows, np.ndarray)
+        outputs[memory] = [o.token_ids for o in eng.generate(prompts, sampling, ["ad1", "ad2"])]
+        eng.close()
+    assert outputs["pinned"] == outputs["pageable"]
+    with pytest.raises(ValueError, match="host_lora_memory='gpu' is not one of"):
+        Engine(Model(CFG, params, None, "tiny"), replace(CONFIG, host_lora_memory="gpu"))

@@ -73,3 +73,26 @@ def test_sharded_engine_matches_one_device(tp):
 def test_tp_must_divide_the_heads():
     with pytest.raises(ValueError, match="tp=3 must be a positive integer dividing n_heads=8"):
         relayout(make_model(False).params, CFG, 3)
+
+
+def test_adapters_loaded_while_serving_on_a_mesh_match_one_device():
+    """Three adapters through two GPU slots: loads (from pinned host memory) and evictions
+    happen between steps, and each load's rows reach every device of the mesh."""
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(3, 512, rng.integers(1, 20)).tolist() for _ in range(9)]
+    params = [SamplingParams(max_tokens=int(rng.integers(2, 12)), ignore_eos=True)
+              for _ in range(9)]
+    names = [["a", "b", "c"][i % 3] for i in range(9)]
+    config = EngineConfig(**{**CONFIG.__dict__, "max_loras": 2, "max_lora_rank": 16})
+    outputs = []
+    for tp in (1, 2):
+        engine = Engine(make_model(with_adapters=False),
+                        EngineConfig(**{**config.__dict__, "tp": tp}))
+        for seed, name in enumerate("abc"):
+            engine.adapters.load(name, random_lora_adapter(CFG, name, 8, seed=seed))
+        outputs.append(engine.generate(prompts, params, names))
+        assert sum(len(e.load_seconds) for e in engine.adapters.cache.entries.values()) >= 3
+        assert engine.adapters.cache.evictions >= 1   # a load into a slot used before
+    for a, b in zip(*outputs):
+        assert a.token_ids == b.token_ids
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
