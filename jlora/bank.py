@@ -166,14 +166,12 @@ class AdapterBank:
         steps dispatched before read the old contents, steps after the new)."""
         if not 1 <= slot < self.n_slots:
             raise ValueError(f"slot {slot} is outside 1..{self.n_slots - 1}")
-        sharding = jax.tree.leaves(self.arrays)[0].sharding
+        arrays, sharding = data.arrays, jax.tree.leaves(self.arrays)[0].sharding
         if len(sharding.device_set) > 1:   # a bank laid out over a mesh: every device gets
             # the slot's rows, and the bank's layout decides what each keeps
-            data = data._replace(**dict(zip(("rows", "ints", "floats"), jax.device_put(
-                data.arrays, jax.sharding.NamedSharding(sharding.mesh,
-                                                        jax.sharding.PartitionSpec())))))
-        self.arrays = _write_slot(self.arrays, jnp.int32(slot), data.arrays,
-                                  layout=data.layout)
+            arrays = jax.device_put(arrays, jax.sharding.NamedSharding(
+                sharding.mesh, jax.sharding.PartitionSpec()))
+        self.arrays = _write_slot(self.arrays, jnp.int32(slot), arrays, layout=data.layout)
         old = self.adapters.pop(slot, None)
         if old is not None and self.slots.get(old.name) == slot:
             del self.slots[old.name]

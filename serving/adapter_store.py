@@ -148,7 +148,7 @@ class AdapterStore:
         # packed now, for the least slot capacity that holds it (the slot it will get unless
         # only larger ones are free): a load is then a copy
         capacity = min(c for c in self.bank.slot_ranks[1:] if c >= max(rank, 1))
-        packed = self._pin(self.bank.pack(adapter, self.params, capacity))
+        packed = self._pack(adapter, capacity)
         return Entry(name=name, version=1, path=path, variant=adapter.variant, rank=rank,
                      targets=adapter.targets, nbytes=adapter.nbytes() + packed.nbytes,
                      adapter=adapter, packed=packed, pinned=pin)
@@ -219,10 +219,12 @@ class AdapterStore:
             if bank is self.bank:
                 self.cache.place(entry, slot)
 
-    def _pin(self, packed: Packed) -> Packed:
-        """`packed` with its rows (nearly all its bytes) moved to pinned host memory, when
-        the store keeps them there. Pinned memory is a bounded pool (XLA's GPU client: 64 GB
-        unless XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB says otherwise); past it, rows stay pageable."""
+    def _pack(self, adapter: Adapter, capacity: int) -> Packed:
+        """`bank.pack` for a slot of this capacity, its rows (nearly all its bytes) moved to
+        pinned host memory when the store keeps them there. Pinned memory is a bounded pool
+        (XLA's GPU client: 64 GB unless XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB says otherwise);
+        past it, rows stay pageable."""
+        packed = self.bank.pack(adapter, self.params, capacity)
         if self.pinned is None:
             return packed
         try:
@@ -266,9 +268,7 @@ class AdapterStore:
                 slot = (free or known)[0]
                 adapter = bank.adapters.get(slot, EMPTY)
                 bank.put(adapter, slot, bank.slot_data(adapter, self.params, slot,
-                                                       self._pin(bank.pack(
-                                                           adapter, self.params, rank)),
-                                                       self.device))
+                                                       self._pack(adapter, rank), self.device))
         if "dora" in bank.features:   # DoRA's scale: one program per target module
             for target, (n_in, n_out) in target_shapes(bank.cfg).items():
                 mod = ModuleAdapter(a=np.ones((1, n_in), np.float32),
@@ -306,8 +306,7 @@ class AdapterStore:
         try:
             if adapter is None:
                 adapter = read_adapter(entry.path, self.bank.cfg.n_layers, entry.name)
-                packed = self._pin(self.bank.pack(adapter, self.params,
-                                                  self.bank.slot_ranks[slot]))
+                packed = self._pack(adapter, self.bank.slot_ranks[slot])
                 self.cache.keep_host(entry, adapter, packed)
             data = self.bank.slot_data(adapter, self.params, slot, packed, self.device)
             jax.block_until_ready(data.arrays)
