@@ -26,6 +26,7 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,7 @@ class AdapterStore:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._busy = False
+        self.on_done: Callable[[], None] | None = None   # called (loader thread) per finished load
 
     # ------------------------------------------------------------------ public API
     def load(self, name: str, source: str | Path | Adapter, *, pin: bool = False,
@@ -316,6 +318,8 @@ class AdapterStore:
                       f"adapter {entry.name!r} failed to load from {entry.path}: {e}")
         with self._done_lock:
             self._done.append(result)
+        if self.on_done is not None:   # the engine's loop may be waiting for this load
+            self.on_done()
 
 
 def _run_loader(store_ref: weakref.ref, cache: AdapterCache) -> None:
