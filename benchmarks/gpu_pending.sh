@@ -52,7 +52,8 @@ for section in "$@"; do
             --workloads base distinct identical --lora-kernel split fused --steps 30 ;;
     adapters)  # issue 7, acceptance 3: working set 8-512 over 32 slots
         run bench-adapters 400 $py -m benchmarks.bench_adapters --model llama2-7b \
-            --working-set 8 32 128 512 --slots 32 --rank 16 --rate 8 --requests 200 ;;
+            --working-set 8 32 128 512 --slots 32 --rank 16 --rate 8 --requests 200 \
+            --gaps-out "$out/adapter-gaps.json" ;;
     train)     # issue 6, acceptance 5
         run bench-train 400 $py -m benchmarks.bench_train --model smollm2-135m llama3-8b \
             --rank 16 --batch 8 --seq-len 512 ;;
