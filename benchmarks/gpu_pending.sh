@@ -6,16 +6,15 @@
 #   bash benchmarks/gpu_pending.sh fused-kernel         # nvidia-h200 (~8 min; done 2026-12-01)
 #   bash benchmarks/gpu_pending.sh tests                # nvidia-h200 (~2 min)
 #   bash benchmarks/gpu_pending.sh fused-engine         # nvidia-h200 (~5 min; done 2026-12-01)
-#   bash benchmarks/gpu_pending.sh adapters             # nvidia-h200 (~6 min)
-#   bash benchmarks/gpu_pending.sh graphs remat         # nvidia-h200 (~8 min)
+#   bash benchmarks/gpu_pending.sh adapters             # nvidia-h200 (~6 min; done 2026-12-01)
+#   bash benchmarks/gpu_pending.sh graphs remat         # nvidia-h200 (~4 min; done 2026-12-01)
 #   bash benchmarks/gpu_pending.sh tp                   # nvidia-h200-x2 (~6 min)
 #   bash benchmarks/gpu_pending.sh train server         # nvidia-h200 (~5 min; done 2026-12-01)
 #
-# Still owed (2026-12-01, second session), most useful first: adapters (issue 7: the full
-# sweep with loads as three copies; only W=128 was run with them), graphs (issue 5: where
-# LoRA's per-step cost goes, now that halving its launches with the fused kernel made the
-# step slower), tp (issue 5, two GPUs; that kind was not lent), remat (issue 6). fused-kernel
-# and fused-engine ran: the fused kernel is slower (RESULTS.md).
+# Still owed (2026-12-01, third session): tp (issue 5, two GPUs; that kind was not lent).
+# adapters, graphs and remat ran that session (RESULTS.md); graphs showed that launches are
+# not LoRA's per-step cost, so a per-kernel device trace of one batch-32 step is the next
+# measurement for issue 5.
 # Each section writes its full log to $OUT/<section>.log (the device tool returns $OUT) and
 # prints its last lines; a section that fails or times out does not stop the others.
 set -uo pipefail
