@@ -72,9 +72,9 @@ def make_bank(r: int, h: int, widths, key):
     weights = LoraWeights(
         a=jax.random.normal(ka, (rows, h), jnp.bfloat16) * 0.02,
         b=tuple(jax.random.normal(k, (rows, n), jnp.bfloat16) * 0.02 for k, n in zip(kb, widths)),
-        a_start=jnp.tile(start, (M, 1)), b_start=jnp.tile(start, (M, 1)),
-        rank=jnp.tile(jnp.full(n_slots, r, jnp.int32).at[0].set(0), (M, 1)),
-        scale=jnp.ones((M, n_slots), jnp.float32), max_rank=r)
+        a_start=jnp.tile(start, (1, M, 1)), b_start=jnp.tile(start, (1, M, 1)),
+        rank=jnp.tile(jnp.full(n_slots, r, jnp.int32).at[0].set(0), (1, M, 1)),
+        scale=jnp.ones((1, M, n_slots), jnp.float32), max_rank=r)
     return weights, n_slots
 
 
@@ -242,9 +242,9 @@ def bench_fused(T, r, h, reps):
     x = jax.random.normal(jax.random.key(1), (T, h), jnp.bfloat16)
     y = jax.random.normal(jax.random.key(2), (T, sum(widths)), jnp.bfloat16)
     items = batches([1] * T, n_slots, False, rot=0)
-    singles = [LoraWeights(a=weights.a, b=(weights.b[m],), a_start=weights.a_start[m:m + 1],
-                           b_start=weights.b_start[m:m + 1], rank=weights.rank[m:m + 1],
-                           scale=weights.scale[m:m + 1], max_rank=r) for m in range(3)]
+    singles = [LoraWeights(a=weights.a, b=(weights.b[m],), a_start=weights.a_start[:, m:m + 1],
+                           b_start=weights.b_start[:, m:m + 1], rank=weights.rank[:, m:m + 1],
+                           scale=weights.scale[:, m:m + 1], max_rank=r) for m in range(3)]
 
     def fused(yy, args):
         x, weights, items = args

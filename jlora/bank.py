@@ -51,13 +51,13 @@ class BankArrays:
     max_rank: int
 
     def weights(self, layer: int, group: str) -> LoraWeights:
+        """The group's pools and all layers' tables, read at `layer` (no slice is taken:
+        inside a jitted step each would be a device copy per launch)."""
         a, b = self.pools[group]
         t = self.tables[group]
-        vectors = {k: tuple(x[layer] for x in t[k]) if k in t else None for k in ("w", "g")}
-        return LoraWeights(a=a, b=b, a_start=t["a_start"][layer], b_start=t["b_start"][layer],
-                           rank=t["rank"][layer], scale=t["scale"][layer],
-                           u=t["u"][layer] if "u" in t else None, **vectors,
-                           max_rank=self.max_rank)
+        return LoraWeights(a=a, b=b, a_start=t["a_start"], b_start=t["b_start"], rank=t["rank"],
+                           scale=t["scale"], u=t.get("u"), w=t.get("w"), g=t.get("g"),
+                           max_rank=self.max_rank, layer=layer)
 
 
 class AdapterBank:

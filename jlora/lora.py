@@ -2,9 +2,9 @@
 
 `pack_lora_weights` takes, per slot, each module's A [r, D] and B [N, r] in PEFT's layout
 (plus optional Tied-LoRA u, w and DoRA g) and lays them out as one `LoraWeights`: A rows in
-one pool, B rows in one pool per module, with start/rank/scale tables. Slot 0 stays empty
-(the base model). Ranks may differ per slot and per module. This module does not load
-files or manage a live bank; it builds one group's weights in one go.
+one pool, B rows in one pool per module, with start/rank/scale tables (of one layer). Slot 0
+stays empty (the base model). Ranks may differ per slot and per module. This module does not
+load files or manage a live bank; it builds one group's weights in one go.
 """
 
 from __future__ import annotations
@@ -84,10 +84,9 @@ def pack_lora_weights(slots: Sequence[SlotAdapter | None], dim: int, widths: Seq
             for m in range(M):
                 if ad is not None and ad.a[m] is not None and (ad.u is None or ad.u[m] is None):
                     u[m][s, :rank[m, s]] = 1.0
+    one = lambda x: jnp.asarray(x)[None]   # tables of one layer  # noqa: E731
     return LoraWeights(
-        a=jnp.asarray(a_pool, dtype), b=b_pools, a_start=jnp.asarray(a_start),
-        b_start=jnp.asarray(b_start), rank=jnp.asarray(rank), scale=jnp.asarray(scale),
-        u=None if u is None else jnp.asarray(np.stack(u)),
-        w=None if w is None else tuple(jnp.asarray(x) for x in w),
-        g=None if g is None else tuple(jnp.asarray(x) for x in g),
-        max_rank=max_rank)
+        a=jnp.asarray(a_pool, dtype), b=b_pools, a_start=one(a_start), b_start=one(b_start),
+        rank=one(rank), scale=one(scale), u=None if u is None else one(np.stack(u)),
+        w=None if w is None else tuple(one(x) for x in w),
+        g=None if g is None else tuple(one(x) for x in g), max_rank=max_rank)

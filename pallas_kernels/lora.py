@@ -7,8 +7,10 @@ For token t on adapter slot s = s(t), for each module m of a projection group (q
 
 LoRA has u = w = g = 1; Tied-LoRA's u and v are u and w (its A and B are shared by all
 layers); DoRA's magnitude scale m / ||W + s.BA|| is g, which also scales the base output y.
-y arrives holding the base projection's output of the whole group (bias not yet added) and
-is updated in place. Slot 0 is "no adapter": its tokens read and write nothing.
+y arrives holding the base projection's output of the whole group (bias not yet added). The
+kernels compute the adapters' term alone, delta = g * scale * (v @ B) * w (zero on slot 0,
+"no adapter"); y * g[slot] + delta is left to XLA, which fuses it into whatever reads the
+projection next (with the matmul's own epilogue), so no launch reads and rewrites y.
 
 Weights live in row pools (`LoraWeights`): row i of the A pool is one rank dimension of some
 adapter's A^T, so an adapter of rank r owns r consecutive rows wherever the bank put them.
@@ -23,9 +25,13 @@ adapter and multiply on the tensor cores. The shrink returns `v` as per-split pa
 per-token batches `LoraBlocks(fused_tokens=True)` does both in one launch instead (each
 program keeps its token's v in registers; see `lora_fused_tokens`).
 
+Tables come stacked over layers and `LoraWeights.layer` picks one inside the kernels: a
+step's launches take the bank's arrays as they are (slicing a layer's tables out would cost a
+device copy per table per launch: 512 copies in a llama2-7b step).
+
 Every op has `impl="pallas"|"xla"`; the XLA references at the end of the file are the CPU
-path and the test oracle. This module knows nothing about layers, models or the host-side
-bank allocator.
+path and the test oracle. This module knows nothing about models or the host-side bank
+allocator.
 """
 
 from __future__ import annotations
@@ -49,18 +55,21 @@ POOL_SLACK_ROWS = 64   # unused rows at each pool's end: a full row block never 
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=[
-    "a", "b", "a_start", "b_start", "rank", "scale", "u", "w", "g"], meta_fields=["max_rank"])
+    "a", "b", "a_start", "b_start", "rank", "scale", "u", "w", "g"],
+    meta_fields=["max_rank", "layer"])
 @dataclass(frozen=True)
 class LoraWeights:
-    """The adapters of one projection group of M modules at one layer (S slots each).
+    """The adapters of one projection group of M modules (S slots each), with tables for L
+    layers, used at layer `layer`.
 
-    a        [Pa, D]       A rows of every module and slot (row = one rank dim of A^T)
+    a        [Pa, D]          A rows of every module, slot and layer (row = one rank dim of A^T)
     b        M x [Pb_m, N_m]  B rows of module m
-    a_start  [M, S] int32  first A row of slot s for module m; b_start likewise for B
-    rank     [M, S] int32  0 where slot s has no adapter on module m (slot 0 always)
-    scale    [M, S] f32    lora_alpha / r (or / sqrt(r))
-    u        [M, S, R] or None: per-rank vector;  w, g: M x [S, N_m] or None
+    a_start  [L, M, S] int32  first A row of slot s for module m; b_start likewise for B
+    rank     [L, M, S] int32  0 where slot s has no adapter on module m (slot 0 always)
+    scale    [L, M, S] f32    lora_alpha / r (or / sqrt(r))
+    u        [L, M, S, R] or None: per-rank vector;  w, g: M x [L, S, N_m] or None
     max_rank static: the largest rank any slot may hold (sets the width R of v)
+    layer    static: the layer whose tables the kernels read
     """
 
     a: jax.Array
@@ -73,10 +82,20 @@ class LoraWeights:
     w: tuple[jax.Array, ...] | None = None
     g: tuple[jax.Array, ...] | None = None
     max_rank: int = 16
+    layer: int = 0
 
     @property
     def widths(self) -> tuple[int, ...]:
         return tuple(b.shape[1] for b in self.b)
+
+    def tables_at_layer(self) -> dict:
+        """a_start, b_start, rank, scale [M, S], u [M, S, R], w and g M x [S, N_m] of
+        `layer` (for XLA code, where a slice costs nothing)."""
+        L = self.layer
+        return dict(a_start=self.a_start[L], b_start=self.b_start[L], rank=self.rank[L],
+                    scale=self.scale[L], u=None if self.u is None else self.u[L],
+                    w=None if self.w is None else tuple(x[L] for x in self.w),
+                    g=None if self.g is None else tuple(x[L] for x in self.g))
 
 
 class LoraBatch(NamedTuple):
@@ -157,10 +176,13 @@ def _check(x_or_y, weights: LoraWeights, batch: LoraBatch, impl: str, what: str,
         raise ValueError(f"token_slots has shape {batch.token_slots.shape}, expected ({T},)")
     M = len(weights.b)
     tables = (weights.a_start, weights.b_start, weights.rank, weights.scale)
-    if M == 0 or any(t.ndim != 2 or t.shape != tables[0].shape for t in tables) \
-            or tables[0].shape[0] != M:
-        raise ValueError(f"a_start, b_start, rank and scale must all be [M={M}, S], got "
+    if M == 0 or any(t.ndim != 3 or t.shape != tables[0].shape for t in tables) \
+            or tables[0].shape[1] != M:
+        raise ValueError(f"a_start, b_start, rank and scale must all be [L, M={M}, S], got "
                          f"{[t.shape for t in tables]}")
+    L, _, S = tables[0].shape
+    if not 0 <= weights.layer < L:
+        raise ValueError(f"layer={weights.layer} is not in [0, {L}) (the tables' layers)")
     if blocks.block_r > POOL_SLACK_ROWS or blocks.block_r & (blocks.block_r - 1):
         raise ValueError(f"block_r={blocks.block_r} must be a power of two <= {POOL_SLACK_ROWS}")
     if weights.a.ndim != 2 or weights.a.shape[0] < POOL_SLACK_ROWS:
@@ -168,10 +190,11 @@ def _check(x_or_y, weights: LoraWeights, batch: LoraBatch, impl: str, what: str,
                          f"{weights.a.shape}")
     for name in ("w", "g"):
         vecs = getattr(weights, name)
-        if vecs is not None and [v.shape for v in vecs] != \
-                [(tables[0].shape[1], n) for n in weights.widths]:
-            raise ValueError(f"{name} must be one [S, N_m] array per module, got "
+        if vecs is not None and [v.shape for v in vecs] != [(L, S, n) for n in weights.widths]:
+            raise ValueError(f"{name} must be one [L={L}, S={S}, N_m] array per module, got "
                              f"{[v.shape for v in vecs]}")
+    if weights.u is not None and (weights.u.ndim != 4 or weights.u.shape[:3] != (L, M, S)):
+        raise ValueError(f"u must be [L={L}, M={M}, S={S}, R], got {weights.u.shape}")
     if what == "shrink" and x_or_y.shape[1] != weights.a.shape[1]:
         raise ValueError(f"x has {x_or_y.shape[1]} features but the A pool has "
                          f"{weights.a.shape[1]}")
@@ -189,8 +212,8 @@ def _block(n: int, cap: int, what: str) -> int:
 
 def _padded_u(weights: LoraWeights, R: int):
     u = weights.u
-    if u is not None and u.shape[2] < R:
-        u = jnp.pad(u, ((0, 0), (0, 0), (0, R - u.shape[2])))
+    if u is not None and u.shape[3] < R:
+        u = jnp.pad(u, ((0, 0), (0, 0), (0, 0), (0, R - u.shape[3])))
     return u
 
 
@@ -219,7 +242,8 @@ def lora_shrink(x: jax.Array, weights: LoraWeights, batch: LoraBatch, *, impl: s
         Tp, n_seg = xp.shape[0], batch.seg_slots.shape[0]
         tiles = pl.cdiv(Tp, BT)
         n_splits = _splits(n_kblocks, tiles * M * (R // BR), blocks)
-        kernel = functools.partial(shrink_segments_kernel, block_t=BT, block_r=BR, block_k=BK,
+        kernel = functools.partial(shrink_segments_kernel, layer=weights.layer, block_t=BT,
+                                   block_r=BR, block_k=BK,
                                    n_rblocks=R // BR, n_splits=n_splits, has_u=u is not None)
         out = pl.pallas_call(
             kernel, grid=(n_seg, tiles, M * (R // BR) * n_splits),
@@ -228,8 +252,9 @@ def lora_shrink(x: jax.Array, weights: LoraWeights, batch: LoraBatch, *, impl: s
         )(batch.seg_starts, batch.seg_slots, *tables, xp, *operands[1:])
         return out[:, :, :T]
     n_splits = _splits(n_kblocks, T * M, blocks)
-    kernel = functools.partial(shrink_tokens_kernel, block_r=BR, block_k=BK,
-                               n_splits=n_splits, n_kblocks=n_kblocks, has_u=u is not None)
+    kernel = functools.partial(shrink_tokens_kernel, layer=weights.layer, block_r=BR,
+                               block_k=BK, n_splits=n_splits, n_kblocks=n_kblocks,
+                               has_u=u is not None)
     return pl.pallas_call(
         kernel, grid=(T, M, n_splits),
         out_shape=jax.ShapeDtypeStruct((n_splits, M, T, R), jnp.float32),
@@ -250,51 +275,62 @@ def lora_expand(y: jax.Array, v: jax.Array, weights: LoraWeights, batch: LoraBat
                 interpret: bool | None = None) -> jax.Array:
     """y[:, cols_m] = g * (y[:, cols_m] + scale * (v_m @ B_m[slot]) * w) for every module m.
 
-    y [T, sum N_m] (donated: updated in place); v [KS, M, T, R] from `lora_shrink`.
+    y [T, sum N_m] (donated); v [KS, M, T, R] from `lora_shrink`. The kernel computes the
+    adapters' term; adding it to y is an elementwise XLA op (see `add_term`).
     """
     _check(y, weights, batch, impl, "expand", blocks)
     if impl == "xla":
-        return lora_expand_reference(y, v, weights, token_slots_of(batch, y.shape[0]))
-    T = y.shape[0]
+        delta = lora_expand_reference(v, weights, token_slots_of(batch, y.shape[0]), y.dtype)
+    else:
+        delta = _expand_term(v, weights, batch, y.shape[0], y.dtype, blocks, interpret)
+    return add_term(y, delta, weights, batch)
+
+
+def add_term(y: jax.Array, delta: jax.Array, weights: LoraWeights,
+             batch: LoraBatch) -> jax.Array:
+    """y * g[slot] + delta, in float32 and rounded once (g: DoRA's, 1 on other slots)."""
+    out = y.astype(jnp.float32)
+    if weights.g is not None:
+        slots = token_slots_of(batch, y.shape[0])
+        out = out * jnp.concatenate([g[weights.layer][slots] for g in weights.g], axis=1)
+    return (out + delta.astype(jnp.float32)).astype(y.dtype)
+
+
+def _expand_term(v: jax.Array, weights: LoraWeights, batch: LoraBatch, T: int, dtype,
+                 blocks: LoraBlocks, interpret: bool | None) -> jax.Array:
+    """The Pallas expand: every token's term [T, sum N_m] in `dtype`."""
     M, BR = len(weights.b), blocks.block_r
     widths = weights.widths
     BN = min(_block(n, blocks.block_n, "module output width") for n in widths)
     first_block = tuple(sum(n // BN for n in widths[:m]) for m in range(M + 1))
-    col_offset = tuple(sum(widths[:m]) for m in range(M))
     has_w, has_g = weights.w is not None, weights.g is not None
     vectors = [*(weights.w or ()), *(weights.g or ())]
     tables = [weights.b_start, weights.rank, weights.scale]
+    statics = dict(M=M, layer=weights.layer, block_r=BR, block_n=BN, first_block=first_block,
+                   has_w=has_w, has_g=has_g)
     if batch.is_segments:
         BT = blocks.block_t
         pad = max(0, BT - T)
-        yp = jnp.pad(y, ((0, pad), (0, 0))) if pad else y
         vp = jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0))) if pad else v
-        n_seg = batch.seg_slots.shape[0]
-        kernel = functools.partial(expand_segments_kernel, M=M, block_t=BT, block_r=BR,
-                                   block_n=BN, first_block=first_block, col_offset=col_offset,
-                                   has_w=has_w, has_g=has_g)
         out = pl.pallas_call(
-            kernel, grid=(n_seg, pl.cdiv(yp.shape[0], BT), first_block[-1]),
-            out_shape=jax.ShapeDtypeStruct(yp.shape, y.dtype),
-            input_output_aliases={6: 0}, compiler_params=_compiler(blocks),
-            interpret=_interpret(interpret),
-        )(batch.seg_starts, batch.seg_slots, *tables, vp, yp, *weights.b, *vectors)
+            functools.partial(expand_segments_kernel, block_t=BT, **statics),
+            grid=(batch.seg_slots.shape[0], pl.cdiv(T + pad, BT), first_block[-1]),
+            out_shape=jax.ShapeDtypeStruct((T + pad, sum(widths)), dtype),
+            compiler_params=_compiler(blocks), interpret=_interpret(interpret),
+        )(batch.seg_starts, batch.seg_slots, *tables, vp, *weights.b, *vectors)
         return out[:T] if pad else out
-    kernel = functools.partial(expand_tokens_kernel, M=M, block_r=BR, block_n=BN,
-                               first_block=first_block, col_offset=col_offset, has_w=has_w,
-                               has_g=has_g)
     return pl.pallas_call(
-        kernel, grid=(T, first_block[-1]),
-        out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
-        input_output_aliases={5: 0}, compiler_params=_compiler(blocks),
-        interpret=_interpret(interpret),
-    )(batch.token_slots, *tables, v, y, *weights.b, *vectors)
+        functools.partial(expand_tokens_kernel, **statics),
+        grid=(T, first_block[-1]),
+        out_shape=jax.ShapeDtypeStruct((T, sum(widths)), dtype),
+        compiler_params=_compiler(blocks), interpret=_interpret(interpret),
+    )(batch.token_slots, *tables, v, *weights.b, *vectors)
 
 
 def lora_apply(x: jax.Array, y: jax.Array, weights: LoraWeights, batch: LoraBatch, *,
                impl: str = "pallas", blocks: LoraBlocks = LoraBlocks(),
                interpret: bool | None = None) -> jax.Array:
-    """Shrink then expand: y (the group's base output, donated) plus every token's adapter.
+    """Shrink then expand: y (the group's base output) plus every token's adapter.
     With `blocks.fused_tokens`, a per-token batch whose bank holds ranks <= POOL_SLACK_ROWS
     runs both in one kernel (`lora_fused_tokens`)."""
     if (impl == "pallas" and blocks.fused_tokens and not batch.is_segments
@@ -304,7 +340,7 @@ def lora_apply(x: jax.Array, y: jax.Array, weights: LoraWeights, batch: LoraBatc
     return lora_expand(y, v, weights, batch, impl=impl, blocks=blocks, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("blocks", "interpret"), donate_argnums=1)
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
 def lora_fused_tokens(x: jax.Array, y: jax.Array, weights: LoraWeights, batch: LoraBatch, *,
                       blocks: LoraBlocks = LoraBlocks(), interpret: bool | None = None
                       ) -> jax.Array:
@@ -332,17 +368,18 @@ def lora_fused_tokens(x: jax.Array, y: jax.Array, weights: LoraWeights, batch: L
     u = _padded_u(weights, R)
     has_u, has_w, has_g = u is not None, weights.w is not None, weights.g is not None
     kernel = functools.partial(
-        fused_tokens_kernel, M=M, R=R, block_k=BK, block_n=BN, n_chunks=n_chunks,
-        n_blocks=n_blocks, col_offset=tuple(sum(widths[:m]) for m in range(M)),
-        has_u=has_u, has_w=has_w, has_g=has_g)
+        fused_tokens_kernel, M=M, layer=weights.layer, R=R, block_k=BK, block_n=BN,
+        n_chunks=n_chunks, n_blocks=n_blocks,
+        col_offset=tuple(sum(widths[:m]) for m in range(M)), has_u=has_u, has_w=has_w,
+        has_g=has_g)
     operands = [*weights.b, *([u] if has_u else []), *(weights.w or ()), *(weights.g or ())]
-    return pl.pallas_call(
+    delta = pl.pallas_call(
         kernel, grid=(T, M * n_chunks),
         out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
-        input_output_aliases={6: 0}, compiler_params=_compiler(blocks),
-        interpret=_interpret(interpret),
-    )(batch.token_slots, weights.a_start, weights.b_start, weights.rank, weights.scale, x, y,
+        compiler_params=_compiler(blocks), interpret=_interpret(interpret),
+    )(batch.token_slots, weights.a_start, weights.b_start, weights.rank, weights.scale, x,
       weights.a, *operands)
+    return add_term(y, delta, weights, batch)
 
 
 # ----------------------------------------------------------------------------- XLA references
@@ -378,44 +415,43 @@ def lora_shrink_reference(x: jax.Array, weights: LoraWeights, slots: jax.Array,
                           R: int) -> jax.Array:
     """Shrink slot by slot: [1, M, T, R] float32 (zeros past each rank and on slot 0)."""
     precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-    u = weights.u
+    t = weights.tables_at_layer()
+    u = t["u"]
     if u is not None:
         u = jnp.pad(u, ((0, 0), (0, 0), (0, max(0, R - u.shape[2]))))[:, :, :R]
     out = []
     for m in range(len(weights.b)):
         def term(s, m=m):
-            a, live = _slot_rows(weights.a, weights.a_start[m, s], weights.rank[m, s], R)
+            a, live = _slot_rows(weights.a, t["a_start"][m, s], t["rank"][m, s], R)
             v = jnp.einsum("td,rd->tr", x, a, precision=precision,
                            preferred_element_type=jnp.float32)         # [T, R]
             if u is not None:
                 v = v * u[m, s].astype(jnp.float32)
             return jnp.where(live, v, 0.0)
-        out.append(_per_slot(slots, weights.a_start.shape[1],
+        out.append(_per_slot(slots, t["a_start"].shape[1],
                              jnp.zeros((x.shape[0], R), jnp.float32), term))
     return jnp.stack(out)[None]
 
 
-def lora_expand_reference(y: jax.Array, v: jax.Array, weights: LoraWeights,
-                          slots: jax.Array) -> jax.Array:
-    """Expand the partial sums v [KS, M, T, R] into y [T, sum N_m], slot by slot."""
+def lora_expand_reference(v: jax.Array, weights: LoraWeights, slots: jax.Array,
+                          dtype) -> jax.Array:
+    """The adapters' term [T, sum N_m] (in `dtype`) from the partial sums v [KS, M, T, R],
+    slot by slot."""
     R = v.shape[-1]
     v = v.sum(axis=0)                                                  # [M, T, R]
-    precision = lax.Precision.HIGHEST if y.dtype == jnp.float32 else None
-    parts, offset = [], 0
+    precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    t = weights.tables_at_layer()
+    parts = []
     for m, n in enumerate(weights.widths):
         def term(s, m=m):
-            b, live = _slot_rows(weights.b[m], weights.b_start[m, s], weights.rank[m, s], R)
+            b, live = _slot_rows(weights.b[m], t["b_start"][m, s], t["rank"][m, s], R)
             delta = jnp.einsum("tr,rn->tn", jnp.where(live, v[m], 0.0), b.astype(jnp.float32),
-                               precision=precision) * weights.scale[m, s]  # [T, N]
-            if weights.w is not None:
-                delta = delta * weights.w[m][s].astype(jnp.float32)
+                               precision=precision) * t["scale"][m, s]  # [T, N]
+            if t["w"] is not None:
+                delta = delta * t["w"][m][s].astype(jnp.float32)
+            if t["g"] is not None:
+                delta = delta * t["g"][m][s].astype(jnp.float32)
             return delta
-        delta = _per_slot(slots, weights.a_start.shape[1],
-                          jnp.zeros((y.shape[0], n), jnp.float32), term)
-        part = y[:, offset:offset + n].astype(jnp.float32) + delta
-        if weights.g is not None:
-            part = jnp.where((slots != 0)[:, None],
-                             part * weights.g[m][slots].astype(jnp.float32), part)
-        parts.append(part.astype(y.dtype))
-        offset += n
+        parts.append(_per_slot(slots, t["a_start"].shape[1],
+                               jnp.zeros((v.shape[1], n), jnp.float32), term).astype(dtype))
     return jnp.concatenate(parts, axis=1)

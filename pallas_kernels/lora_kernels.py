@@ -1,6 +1,12 @@
 """The four Pallas (Triton backend) kernels behind `pallas_kernels.lora`: shrink and expand,
-each per token (decode) and per segment (prefill). The math, the data layout and the public
-wrappers that launch these are in lora.py; this file holds only the kernel bodies.
+each per token (decode) and per segment (prefill), plus shrink and expand fused per token.
+The math, the data layout and the public wrappers that launch these are in lora.py; this file
+holds only the kernel bodies.
+
+Tables are stacked over layers ([L, M, S]); `layer` (static) is the one a launch runs at, so
+the step passes whole tables and no per-layer slice is copied out for each launch. Expand
+kernels write the adapters' term alone (zero on slot-0 rows and rank-0 modules); the wrapper
+adds it to the base output, where XLA fuses the add into what reads the output next.
 """
 
 from __future__ import annotations
@@ -15,12 +21,12 @@ _HIGHEST = lax.Precision.HIGHEST   # float32 tiles multiply in IEEE float32, not
 
 # per-token kernels
 
-def shrink_tokens_kernel(slot_ref, start_ref, rank_ref, x_ref, a_ref, *rest, block_r, block_k,
-                          n_splits, n_kblocks, has_u):
+def shrink_tokens_kernel(slot_ref, start_ref, rank_ref, x_ref, a_ref, *rest, layer, block_r,
+                         block_k, n_splits, n_kblocks, has_u):
     u_ref, o_ref = (rest if has_u else (None, *rest))
     t, m, ks = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     s = slot_ref[t]
-    rank, row0 = rank_ref[m, s], start_ref[m, s]
+    rank, row0 = rank_ref[layer, m, s], start_ref[layer, m, s]
     kb0, kb1 = ks * n_kblocks // n_splits, (ks + 1) * n_kblocks // n_splits
 
     def rank_block(rb, carry):
@@ -37,16 +43,18 @@ def shrink_tokens_kernel(slot_ref, start_ref, rank_ref, x_ref, a_ref, *rest, blo
         acc = lax.fori_loop(kb0, kb1, k_step,
                             jnp.zeros((block_r, block_k), jnp.float32)).sum(axis=1)
         if has_u:
-            acc = acc * pltriton.load(u_ref.at[m, s, pl.ds(rb * block_r, block_r)],
-                                      mask=live, other=0.0).astype(jnp.float32)
+            u = u_ref.at[jnp.int32(layer), m, s, pl.ds(rb * block_r, block_r)]
+            acc = acc * pltriton.load(u, mask=live, other=0.0).astype(jnp.float32)
         pltriton.store(o_ref.at[ks, m, t, pl.ds(rb * block_r, block_r)], acc, mask=live)
         return carry
 
     lax.fori_loop(0, pl.cdiv(rank, block_r), rank_block, 0)
 
 
-def expand_tokens_kernel(slot_ref, start_ref, rank_ref, scale_ref, v_ref, y_ref, *rest, M,
-                          block_r, block_n, first_block, col_offset, has_w, has_g):
+def expand_tokens_kernel(slot_ref, start_ref, rank_ref, scale_ref, v_ref, *rest, M, layer,
+                         block_r, block_n, first_block, has_w, has_g):
+    """Program (t, nb): token t's term on output columns block nb (of whichever module
+    holds it)."""
     b_refs, rest = rest[:M], rest[M:]
     w_refs, rest = (rest[:M], rest[M:]) if has_w else (None, rest)
     g_refs, rest = (rest[:M], rest[M:]) if has_g else (None, rest)
@@ -55,13 +63,10 @@ def expand_tokens_kernel(slot_ref, start_ref, rank_ref, scale_ref, v_ref, y_ref,
     s = slot_ref[t]
     n_splits = v_ref.shape[0]   # a power of two (see _splits)
     for m in range(M):
-        in_module = (nb >= first_block[m]) & (nb < first_block[m + 1])
-
-        @pl.when(in_module & (s != 0) & ((rank_ref[m, s] > 0) | has_g))
+        @pl.when((nb >= first_block[m]) & (nb < first_block[m + 1]))
         def _(m=m):
-            rank, row0 = rank_ref[m, s], start_ref[m, s]
-            c0 = (nb - first_block[m]) * block_n
-            cols = pl.ds(c0, block_n)
+            rank, row0 = rank_ref[layer, m, s], start_ref[layer, m, s]   # slot 0: rank 0
+            cols = pl.ds((nb - first_block[m]) * block_n, block_n)
 
             def rank_block(rb, acc):
                 rows = rb * block_r + jnp.arange(block_r)
@@ -74,14 +79,12 @@ def expand_tokens_kernel(slot_ref, start_ref, rank_ref, scale_ref, v_ref, y_ref,
                 return acc + jnp.sum(vr[:, None] * bt.astype(jnp.float32), axis=0)
 
             delta = lax.fori_loop(0, pl.cdiv(rank, block_r), rank_block,
-                                  jnp.zeros((block_n,), jnp.float32)) * scale_ref[m, s]
+                                  jnp.zeros((block_n,), jnp.float32)) * scale_ref[layer, m, s]
             if has_w:
-                delta = delta * w_refs[m][s, cols].astype(jnp.float32)
-            ycols = pl.ds(col_offset[m] + c0, block_n)
-            out = y_ref[t, ycols].astype(jnp.float32) + delta
+                delta = delta * w_refs[m][layer, s, cols].astype(jnp.float32)
             if has_g:
-                out = out * g_refs[m][s, cols].astype(jnp.float32)
-            o_ref[t, ycols] = out.astype(o_ref.dtype)
+                delta = delta * g_refs[m][layer, s, cols].astype(jnp.float32)
+            o_ref[t, pl.ds(nb * block_n, block_n)] = delta.astype(o_ref.dtype)
 
 
 # segment kernels
@@ -96,13 +99,13 @@ def _segment_rows(seg_ref, tile, block_t, T):
     return first < hi, w0, (rows >= first) & (rows < hi)
 
 
-def shrink_segments_kernel(seg_ref, slot_ref, start_ref, rank_ref, x_ref, a_ref, *rest,
-                            block_t, block_r, block_k, n_rblocks, n_splits, has_u):
+def shrink_segments_kernel(seg_ref, slot_ref, start_ref, rank_ref, x_ref, a_ref, *rest, layer,
+                           block_t, block_r, block_k, n_rblocks, n_splits, has_u):
     u_ref, o_ref = (rest if has_u else (None, *rest))
     tile, mrk = pl.program_id(1), pl.program_id(2)   # mrk: module, rank block, split of D
     m, rb, ks = mrk // (n_rblocks * n_splits), (mrk // n_splits) % n_rblocks, mrk % n_splits
     s = slot_ref[pl.program_id(0)]
-    rank, row0 = rank_ref[m, s], start_ref[m, s]
+    rank, row0 = rank_ref[layer, m, s], start_ref[layer, m, s]
     T, D = x_ref.shape
     active, w0, live_t = _segment_rows(seg_ref, tile, block_t, T)
 
@@ -122,31 +125,28 @@ def shrink_segments_kernel(seg_ref, slot_ref, start_ref, rank_ref, x_ref, a_ref,
         acc = lax.fori_loop(ks * n_kblocks // n_splits, (ks + 1) * n_kblocks // n_splits,
                             k_step, jnp.zeros((block_t, block_r), jnp.float32))
         if has_u:
-            acc = acc * pltriton.load(u_ref.at[m, s, pl.ds(rb * block_r, block_r)],
-                                      mask=live_r, other=0.0).astype(jnp.float32)[None, :]
+            u = u_ref.at[jnp.int32(layer), m, s, pl.ds(rb * block_r, block_r)]
+            acc = acc * pltriton.load(u, mask=live_r, other=0.0).astype(jnp.float32)[None, :]
         pltriton.store(o_ref.at[ks, m, pl.ds(w0, block_t), pl.ds(rb * block_r, block_r)], acc,
                        mask=live_t[:, None] & live_r[None, :])
 
 
-def expand_segments_kernel(seg_ref, slot_ref, start_ref, rank_ref, scale_ref, v_ref, y_ref,
-                            *rest, M, block_t, block_r, block_n, first_block, col_offset,
-                            has_w, has_g):
+def expand_segments_kernel(seg_ref, slot_ref, start_ref, rank_ref, scale_ref, v_ref, *rest, M,
+                           layer, block_t, block_r, block_n, first_block, has_w, has_g):
+    """Program (segment, tile, nb): the term of one tile of a segment's tokens on output
+    columns block nb; rows outside the segment are left to their own segment's programs."""
     b_refs, rest = rest[:M], rest[M:]
     w_refs, rest = (rest[:M], rest[M:]) if has_w else (None, rest)
     g_refs, rest = (rest[:M], rest[M:]) if has_g else (None, rest)
     (o_ref,) = rest
     tile, nb = pl.program_id(1), pl.program_id(2)
     s = slot_ref[pl.program_id(0)]
-    T = y_ref.shape[0]
-    active, w0, live_t = _segment_rows(seg_ref, tile, block_t, T)
+    active, w0, live_t = _segment_rows(seg_ref, tile, block_t, o_ref.shape[0])
     for m in range(M):
-        in_module = (nb >= first_block[m]) & (nb < first_block[m + 1])
-
-        @pl.when(active & in_module & (s != 0) & ((rank_ref[m, s] > 0) | has_g))
+        @pl.when(active & (nb >= first_block[m]) & (nb < first_block[m + 1]))
         def _(m=m):
-            rank, row0 = rank_ref[m, s], start_ref[m, s]
-            c0 = (nb - first_block[m]) * block_n
-            cols = pl.ds(c0, block_n)
+            rank, row0 = rank_ref[layer, m, s], start_ref[layer, m, s]   # slot 0: rank 0
+            cols = pl.ds((nb - first_block[m]) * block_n, block_n)
 
             def rank_block(rb, acc):
                 live_r = rb * block_r + jnp.arange(block_r) < rank
@@ -160,23 +160,20 @@ def expand_segments_kernel(seg_ref, slot_ref, start_ref, rank_ref, scale_ref, v_
                                      preferred_element_type=jnp.float32)
 
             delta = lax.fori_loop(0, pl.cdiv(rank, block_r), rank_block,
-                                  jnp.zeros((block_t, block_n), jnp.float32)) * scale_ref[m, s]
+                                  jnp.zeros((block_t, block_n), jnp.float32))
+            delta = delta * scale_ref[layer, m, s]
             if has_w:
-                delta = delta * w_refs[m][s, cols].astype(jnp.float32)[None, :]
-            ycols = pl.ds(col_offset[m] + c0, block_n)
-            yt = pltriton.load(y_ref.at[pl.ds(w0, block_t), ycols], mask=live_t[:, None],
-                               other=0.0).astype(jnp.float32)
-            out = yt + delta
+                delta = delta * w_refs[m][layer, s, cols].astype(jnp.float32)[None, :]
             if has_g:
-                out = out * g_refs[m][s, cols].astype(jnp.float32)[None, :]
-            pltriton.store(o_ref.at[pl.ds(w0, block_t), ycols], out.astype(o_ref.dtype),
-                           mask=live_t[:, None])
+                delta = delta * g_refs[m][layer, s, cols].astype(jnp.float32)[None, :]
+            pltriton.store(o_ref.at[pl.ds(w0, block_t), pl.ds(nb * block_n, block_n)],
+                           delta.astype(o_ref.dtype), mask=live_t[:, None])
 
 
 # shrink and expand in one launch, per token
 
-def fused_tokens_kernel(slot_ref, a_start_ref, b_start_ref, rank_ref, scale_ref, x_ref, y_ref,
-                        a_ref, *rest, M, R, block_k, block_n, n_chunks, n_blocks, col_offset,
+def fused_tokens_kernel(slot_ref, a_start_ref, b_start_ref, rank_ref, scale_ref, x_ref, a_ref,
+                        *rest, M, layer, R, block_k, block_n, n_chunks, n_blocks, col_offset,
                         has_u, has_w, has_g):
     """Program (t, m * n_chunks + c): token t's shrink for module m (all R rank rows at once,
     so v stays in registers), then its expand into chunk c of module m's column blocks.
@@ -191,13 +188,13 @@ def fused_tokens_kernel(slot_ref, a_start_ref, b_start_ref, rank_ref, scale_ref,
     s, c = slot_ref[t], mc % n_chunks
     rows = jnp.arange(R)
     for m in range(M):
-        rank = rank_ref[m, s]
         nb0, nb1 = c * n_blocks[m] // n_chunks, (c + 1) * n_blocks[m] // n_chunks
 
-        @pl.when((mc // n_chunks == m) & (s != 0) & ((rank > 0) | has_g) & (nb1 > nb0))
-        def _(m=m, rank=rank, nb0=nb0, nb1=nb1):
+        @pl.when((mc // n_chunks == m) & (nb1 > nb0))
+        def _(m=m, nb0=nb0, nb1=nb1):
+            rank = rank_ref[layer, m, s]                                  # slot 0: rank 0
             live = rows < rank
-            a0, b0 = a_start_ref[m, s], b_start_ref[m, s]
+            a0, b0 = a_start_ref[layer, m, s], b_start_ref[layer, m, s]
 
             def k_step(kb, acc):
                 cols = pl.ds(kb * block_k, block_k)
@@ -206,12 +203,13 @@ def fused_tokens_kernel(slot_ref, a_start_ref, b_start_ref, rank_ref, scale_ref,
                                    other=0.0)                             # [R, BK]
                 return acc + ak.astype(jnp.float32) * xk[None, :]
 
-            v = lax.fori_loop(0, x_ref.shape[1] // block_k, k_step,
+            n_k = jnp.minimum(rank, 1) * (x_ref.shape[1] // block_k)    # rank 0: no steps
+            v = lax.fori_loop(0, n_k, k_step,
                               jnp.zeros((R, block_k), jnp.float32)).sum(axis=1)   # [R]
             if has_u:
-                v = v * pltriton.load(u_ref.at[jnp.int32(m), s, pl.ds(0, R)], mask=live,
-                                      other=0.0).astype(jnp.float32)
-            v = v * scale_ref[m, s]
+                v = v * pltriton.load(u_ref.at[jnp.int32(layer), jnp.int32(m), s, pl.ds(0, R)],
+                                      mask=live, other=0.0).astype(jnp.float32)
+            v = v * scale_ref[layer, m, s]
 
             def n_step(nb, carry):
                 cols = pl.ds(nb * block_n, block_n)
@@ -219,12 +217,10 @@ def fused_tokens_kernel(slot_ref, a_start_ref, b_start_ref, rank_ref, scale_ref,
                                    other=0.0)                             # [R, BN]
                 delta = jnp.sum(v[:, None] * bt.astype(jnp.float32), axis=0)
                 if has_w:
-                    delta = delta * w_refs[m][s, cols].astype(jnp.float32)
-                ycols = pl.ds(col_offset[m] + nb * block_n, block_n)
-                out = y_ref[t, ycols].astype(jnp.float32) + delta
+                    delta = delta * w_refs[m][layer, s, cols].astype(jnp.float32)
                 if has_g:
-                    out = out * g_refs[m][s, cols].astype(jnp.float32)
-                o_ref[t, ycols] = out.astype(o_ref.dtype)
+                    delta = delta * g_refs[m][layer, s, cols].astype(jnp.float32)
+                o_ref[t, pl.ds(col_offset[m] + nb * block_n, block_n)] = delta.astype(o_ref.dtype)
                 return carry
 
             lax.fori_loop(nb0, nb1, n_step, 0)

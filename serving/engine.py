@@ -22,7 +22,7 @@ import itertools
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import jax
@@ -71,6 +71,7 @@ class EngineConfig:
     impl: str | None = None       # "pallas" or "xla"; None: Pallas on a GPU
     lora_kernel: str = "split"    # Pallas LoRA on the step's tokens: "split" (shrink, then
                                   # expand) or "fused" (both in one launch; ranks <= 64)
+    lora_blocks: LoraBlocks = LoraBlocks()  # the Pallas LoRA kernels' tiling (per GPU tuning)
     tp: int = 1                   # devices the model is split over (serving/sharding.py)
     # Adapters: GPU slots in the bank (0: the bank the model was given by load_adapter, if
     # any, else as many as lora_memory_gb holds, else none: base model only), host tier
@@ -133,7 +134,9 @@ class Engine:
         if config.host_lora_memory not in HOST_MEMORY:
             raise ValueError(f"host_lora_memory={config.host_lora_memory!r} is not one of "
                              f"{HOST_MEMORY}")
-        self.lora_blocks = LoraBlocks(fused_tokens=config.lora_kernel == "fused")
+        if not isinstance(config.lora_blocks, LoraBlocks):
+            raise ValueError(f"lora_blocks must be a LoraBlocks, got {config.lora_blocks!r}")
+        self.lora_blocks = replace(config.lora_blocks, fused_tokens=config.lora_kernel == "fused")
         if self.lora_blocks.fused_tokens and self.bank is not None and \
                 not fused_fits(self.bank.max_rank, self.lora_blocks):
             raise ValueError(f"lora_kernel='fused' serves ranks up to {POOL_SLACK_ROWS}; this "

@@ -62,7 +62,7 @@ def check(x, y, weights, batch, dtype, blocks=LoraBlocks()):
     v_ref = lora_shrink(x, weights, batch, impl="xla", blocks=blocks)
     slots = np.asarray(batch.token_slots) if batch.token_slots is not None else np.repeat(
         np.asarray(batch.seg_slots), np.diff(np.asarray(batch.seg_starts)))
-    ranks = np.asarray(weights.rank)[:, slots]                          # [M, T]
+    ranks = np.asarray(weights.rank)[weights.layer][:, slots]           # [M, T]
     live = np.arange(v.shape[-1])[None, None] < ranks[..., None]       # past a rank: unspecified
     if live.any():
         assert rel_err(np.where(live, v.sum(0), 0), v_ref[0]) < TOL[dtype]
@@ -130,7 +130,7 @@ def test_dora_scales_the_base_output_too():
     batch = LoraBatch(token_slots=jnp.ones(4, jnp.int32))
     zero_x = jnp.zeros_like(x)  # no LoRA delta: what is left is g * y
     out = lora_apply(zero_x, jnp.array(y), weights, batch)
-    g = np.concatenate([np.asarray(gm)[1] for gm in weights.g])
+    g = np.concatenate([np.asarray(gm)[0, 1] for gm in weights.g])
     np.testing.assert_allclose(out, np.asarray(y) * g[None], rtol=1e-6)
 
 
@@ -169,9 +169,9 @@ def test_fused_group_equals_modules_one_by_one():
     fused = lora_apply(x, jnp.array(y), weights, batch)
     parts, offset = [], 0
     for m, n in enumerate(WIDTHS):
-        one = LoraWeights(a=weights.a, b=(weights.b[m],), a_start=weights.a_start[m:m + 1],
-                          b_start=weights.b_start[m:m + 1], rank=weights.rank[m:m + 1],
-                          scale=weights.scale[m:m + 1], max_rank=weights.max_rank)
+        one = LoraWeights(a=weights.a, b=(weights.b[m],), a_start=weights.a_start[:, m:m + 1],
+                          b_start=weights.b_start[:, m:m + 1], rank=weights.rank[:, m:m + 1],
+                          scale=weights.scale[:, m:m + 1], max_rank=weights.max_rank)
         parts.append(lora_apply(x, jnp.array(y[:, offset:offset + n]), one, batch))
         offset += n
     np.testing.assert_allclose(fused, np.concatenate(parts, axis=1), rtol=1e-5, atol=1e-5)
@@ -210,6 +210,68 @@ def test_bad_inputs_are_refused(bad, message):
                     blocks=bad.get("blocks", LoraBlocks()))
 
 
+def layered(weights: LoraWeights, layer: int) -> tuple[LoraWeights, list[LoraWeights]]:
+    """The one-layer `weights` as three layers (0: no adapter anywhere, 1: as given, 2: slots
+    1-4 swapped in pairs) read at `layer`, and each layer's tables on their own."""
+    perm = np.arange(weights.rank.shape[-1])
+    perm[1:5] = [2, 1, 4, 3]
+
+    def three(t, slot_axis):
+        first = np.zeros_like(t) if t is weights.rank else np.asarray(t)  # rank 0: no adapter
+        t = np.asarray(t)
+        return np.concatenate([first, t, np.take(t, perm, axis=slot_axis)])
+    vecs = lambda vs: None if vs is None else tuple(jnp.asarray(three(v, 1)) for v in vs)  # noqa
+    stacked = LoraWeights(
+        a=weights.a, b=weights.b, a_start=jnp.asarray(three(weights.a_start, 2)),
+        b_start=jnp.asarray(three(weights.b_start, 2)), rank=jnp.asarray(three(weights.rank, 2)),
+        scale=jnp.asarray(three(weights.scale, 2)),
+        u=None if weights.u is None else jnp.asarray(three(weights.u, 2)),
+        w=vecs(weights.w), g=vecs(weights.g), max_rank=weights.max_rank, layer=layer)
+    one = lambda x: None if x is None else x[i:i + 1]   # noqa: E731
+    singles = []
+    for i in range(3):
+        singles.append(LoraWeights(
+            a=weights.a, b=weights.b, a_start=one(stacked.a_start), b_start=one(stacked.b_start),
+            rank=one(stacked.rank), scale=one(stacked.scale), u=one(stacked.u),
+            w=None if stacked.w is None else tuple(one(v) for v in stacked.w),
+            g=None if stacked.g is None else tuple(one(v) for v in stacked.g),
+            max_rank=weights.max_rank))
+    return stacked, singles
+
+
+@pytest.mark.parametrize("variant", ["lora", "tied", "dora"])
+@pytest.mark.parametrize("form", ["tokens", "segments", "fused"])
+def test_kernels_read_the_tables_of_their_layer(form, variant):
+    """Tables stacked over layers (as the bank keeps them): each kernel reads `layer`'s, and
+    gives what that layer's tables alone give."""
+    rng = np.random.default_rng(23)
+    weights = random_weights(rng, UP_TO_64, variant=variant)
+    x, y = inputs(rng, 12, jnp.float32)
+    slots = np.sort(rng.integers(0, len(UP_TO_64), 12))
+    batch = segments_of(list(slots)) if form == "segments" else \
+        LoraBatch(token_slots=jnp.asarray(slots, jnp.int32))
+    blocks = FUSED if form == "fused" else SMALL
+    outs = []
+    for layer in range(3):
+        stacked, singles = layered(weights, layer)
+        ref = lora_apply(x, jnp.array(y), singles[layer], batch, impl="xla")
+        np.testing.assert_array_equal(
+            lora_apply(x, jnp.array(y), stacked, batch, impl="xla"), ref)
+        out = lora_apply(x, jnp.array(y), stacked, batch, blocks=blocks)
+        assert rel_err(out, ref) < TOL[jnp.float32]
+        outs.append(np.asarray(out))
+    if variant != "dora":       # layer 0 has no adapter: y comes back as it was
+        np.testing.assert_array_equal(outs[0], y)
+    assert not np.allclose(outs[1], outs[2])   # the swapped slots really read other rows
+
+
+def test_layer_out_of_range_is_refused():
+    stacked, _ = layered(random_weights(np.random.default_rng(24), UP_TO_64), 0)
+    bad = LoraWeights(**{**stacked.__dict__, "layer": 3})
+    with pytest.raises(ValueError, match=r"layer=3 is not in \[0, 3\)"):
+        lora_shrink(jnp.ones((2, D)), bad, LoraBatch(token_slots=jnp.zeros(2, jnp.int32)))
+
+
 def test_expand_checks_y_width():
     weights = random_weights(np.random.default_rng(15), MIXED)
     with pytest.raises(ValueError, match=r"y has 100 columns but the modules' outputs add up "
@@ -231,17 +293,18 @@ LOWERED = [  # (T, D, widths, max_rank, tied/dora vectors, form, blocks)
 
 
 def abstract_weights(dim, widths, max_rank, vectors) -> LoraWeights:
-    """A bf16 bank of 32 slots as shapes only (for lowering), tied/DoRA vectors if asked."""
+    """A bf16 bank of 32 slots and 32 layers as shapes only (for lowering), read at layer 5,
+    tied/DoRA vectors if asked."""
     sds = jax.ShapeDtypeStruct
-    M, S, P = len(widths), 32, 4096
-    table = lambda dt=jnp.int32: sds((M, S), dt)  # noqa: E731
+    L, M, S, P = 32, len(widths), 32, 4096
+    table = lambda dt=jnp.int32: sds((L, M, S), dt)  # noqa: E731
     return LoraWeights(
         a=sds((P, dim), jnp.bfloat16), b=tuple(sds((P, n), jnp.bfloat16) for n in widths),
         a_start=table(), b_start=table(), rank=table(), scale=table(jnp.float32),
-        u=sds((M, S, max_rank), jnp.float32) if vectors else None,
-        w=tuple(sds((S, n), jnp.float32) for n in widths) if vectors else None,
-        g=tuple(sds((S, n), jnp.float32) for n in widths) if vectors else None,
-        max_rank=max_rank)
+        u=sds((L, M, S, max_rank), jnp.float32) if vectors else None,
+        w=tuple(sds((L, S, n), jnp.float32) for n in widths) if vectors else None,
+        g=tuple(sds((L, S, n), jnp.float32) for n in widths) if vectors else None,
+        max_rank=max_rank, layer=5)
 
 
 @pytest.mark.parametrize("case", LOWERED, ids=lambda c: f"T{c[0]}-{c[5]}-r{c[3]}")

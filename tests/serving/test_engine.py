@@ -266,6 +266,9 @@ def test_fused_lora_kernel_in_the_engine_matches_xla_generation_alone():
     with pytest.raises(ValueError, match=r"lora_kernel='bgmv' is not one of \('split', "
                                          r"'fused'\)"):
         Engine(model, EngineConfig(max_seqs=4, num_pages=14, lora_kernel="bgmv"))
+    with pytest.raises(ValueError, match=r"lora_blocks must be a LoraBlocks, got "
+                                         r"\{'block_n': 128\}"):
+        Engine(model, EngineConfig(max_seqs=4, num_pages=14, lora_blocks={"block_n": 128}))
     wide = Model(model.config, model.params, None, "tiny-gqa")
     with pytest.raises(ValueError, match=r"lora_kernel='fused' serves ranks up to 64; this "
                                          r"bank's slots hold rank 128 \(lower max_lora_rank"):
