@@ -24,9 +24,12 @@ The last line of stdout is one JSON document.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
+import gzip
 import json
 import math
+import os
 import statistics
 import time
 
@@ -35,10 +38,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.bench_decode import adapter_bytes, copy_bandwidth, random_bank
+from benchmarks.profiling import kernel_trace, summarize_trace
 from jlora.config import preset
 from jlora.loader import Model
 from jlora.model import init_params
 from jlora.sampling import SamplingParams, seed_key
+from pallas_kernels.lora import LoraBlocks
 from serving.engine import LORA_KERNELS, Engine, EngineConfig
 from serving.step import make_batch, pack
 from serving.request import Request, RequestStream
@@ -81,7 +86,8 @@ def place_running(engine: Engine, slots: list[int], context: int) -> None:
 
 def bench_decode(model: Model, kind: str, batch: int, context: int, steps: int,
                  ceiling: float, impl: str, tp: int = 1, devices=None,
-                 lora_kernel: str = "split") -> dict:
+                 lora_kernel: str = "split", profile_dir: str | None = None,
+                 lora_blocks: LoraBlocks = LoraBlocks()) -> dict:
     slots = workload_slots(kind, batch)
     c = model.config
     per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * jnp.dtype(model.dtype).itemsize
@@ -91,7 +97,7 @@ def bench_decode(model: Model, kind: str, batch: int, context: int, steps: int,
     pages_needed = batch * (-(-(context + 3 * steps) // 16)) + 1
     cfg = EngineConfig(max_seqs=batch, page_size=16, num_pages=pages_needed,
                        decode_buckets=(batch,), prefill_buckets=(0,), impl=impl, tp=tp,
-                       lora_kernel=lora_kernel)
+                       lora_kernel=lora_kernel, lora_blocks=lora_blocks)
     t = time.perf_counter()
     engine = Engine(model, cfg, devices=devices)
     compile_s = time.perf_counter() - t
@@ -124,6 +130,27 @@ def bench_decode(model: Model, kind: str, batch: int, context: int, steps: int,
         out.block_until_ready()
         times.append((time.perf_counter() - t) / steps)
     device_s = statistics.median(times)
+    trace = None
+    if profile_dir:   # the device-only step's kernels, and the program XLA compiled
+        name = f"b{batch}-{kind}-{lora_kernel}"
+        state = [kv, last]
+
+        def work():
+            for _ in range(3):
+                state[0], state[1], o = program(model.params, bank, *state, batch_arrays)
+            o.block_until_ready()
+        try:
+            events = kernel_trace(work, 1)
+        except Exception as e:   # a diagnostic: never lose the timings to it
+            print(f"-- trace failed: {type(e).__name__}: {e}")
+            events = []
+        trace = summarize_trace(events, 3, f"kernels of the step, batch {batch} {kind}")
+        kv, last = state
+        os.makedirs(profile_dir, exist_ok=True)
+        with open(os.path.join(profile_dir, f"trace-{name}.json"), "w") as f:
+            json.dump(events, f)
+        with gzip.open(os.path.join(profile_dir, f"hlo-{name}.txt.gz"), "wt") as f:
+            f.write(program.as_text())
     engine.kv, engine.last_tokens = kv, last
 
     itemsize = jnp.dtype(model.dtype).itemsize
@@ -136,12 +163,36 @@ def bench_decode(model: Model, kind: str, batch: int, context: int, steps: int,
     del engine, kv, last
     gc.collect()
     return dict(workload=kind, batch=batch, context=context, tp=tp, lora_kernel=lora_kernel,
+                lora_blocks=blocks_label(lora_blocks),
                 step_ms=loop_s * 1e3,
                 device_step_ms=device_s * 1e3, idle_pct=100 * max(0.0, 1 - device_s / loop_s),
                 tokens_per_s=batch / loop_s, floor_ms=floor_s * 1e3, vs_floor=loop_s / floor_s,
                 weights_gb=weights / 1e9, kv_gb=kv_bytes / 1e9, lora_gb=lora_bytes / 1e9,
-                compile_s=compile_s, host_ms=dict(zip(("plan", "dispatch", "wait", "take_in"),
-                                                      (phases * 1e3).round(3).tolist())))
+                compile_s=compile_s, trace=trace,
+                host_ms=dict(zip(("plan", "dispatch", "wait", "take_in"),
+                                 (phases * 1e3).round(3).tolist())))
+
+
+def blocks_label(blocks: LoraBlocks) -> str:
+    """The fields of `blocks` that differ from the defaults, as k=v,k=v ("default": none)."""
+    base = LoraBlocks()
+    return ",".join(f"{f.name}={getattr(blocks, f.name)}" for f in dataclasses.fields(blocks)
+                    if getattr(blocks, f.name) != getattr(base, f.name)) or "default"
+
+
+def parse_blocks(spec: str) -> LoraBlocks:
+    """A LoraBlocks from "k=v,k=v" (integers), or "default"."""
+    if spec == "default":
+        return LoraBlocks()
+    fields = {f.name for f in dataclasses.fields(LoraBlocks)}
+    values = {}
+    for item in spec.split(","):
+        key, _, value = item.partition("=")
+        if key not in fields or not value.isdigit():
+            raise ValueError(f"--lora-blocks {spec!r}: {item!r} is not field=integer with a "
+                             f"field of {sorted(fields)}")
+        values[key] = int(value)
+    return LoraBlocks(**values)
 
 
 def percentiles(xs) -> dict:
@@ -249,6 +300,12 @@ def main():
     ap.add_argument("--slora-max-seqs", type=int, default=128)
     ap.add_argument("--tp-compare", type=int, default=0, help="compare 1 device with N")
     ap.add_argument("--impl", default=None, choices=["pallas", "xla"])
+    ap.add_argument("--profile", metavar="DIR", default=None,
+                    help="also trace each decode point's device step (needs torch with CUDA): "
+                         "print where its time goes; write its kernels and HLO to DIR")
+    ap.add_argument("--lora-blocks", nargs="+", default=["default"], metavar="K=V,...",
+                    help="Pallas LoRA tilings to time each adapter workload with, each "
+                         "LoraBlocks fields as k=v,k=v (e.g. block_n=128,target_programs=2048)")
     ap.add_argument("--lora-kernel", nargs="+", default=["split"], choices=LORA_KERNELS,
                     help="Pallas LoRA kernels to time each adapter workload with")
     args = ap.parse_args()
@@ -271,15 +328,19 @@ def main():
     if args.batch:
         bank = random_bank(cfg, max(args.batch), 16, jnp.bfloat16, jax.random.key(3)) \
             if set(args.workloads) - {"base"} else None
-        points = [(b, kind, lk) for b in args.batch for kind in args.workloads
+        tilings = [parse_blocks(spec) for spec in args.lora_blocks]
+        points = [(b, kind, lk, lb) for b in args.batch for lb in tilings
+                  for kind in args.workloads if kind != "base" or lb == tilings[0]
                   for lk in (["split"] if kind == "base" else args.lora_kernel)]
-        for b, kind, lora_kernel in points:
+        for b, kind, lora_kernel, lora_blocks in points:
             model = with_bank(params, cfg, None if kind == "base" else bank)
             r = bench_decode(model, kind, b, args.context, args.steps, ceiling, impl,
-                             lora_kernel=lora_kernel)
+                             lora_kernel=lora_kernel, profile_dir=args.profile,
+                             lora_blocks=lora_blocks)
             report["decode"].append(r)
-            print(f"batch {b:3d} {kind:9s} {lora_kernel:5s} step {r['step_ms']:7.3f} ms (device "
-                  f"{r['device_step_ms']:7.3f}, idle {r['idle_pct']:4.1f}%)  "
+            tiling = "" if kind == "base" else f" [{r['lora_blocks']}]"
+            print(f"batch {b:3d} {kind:9s} {lora_kernel:5s}{tiling} step {r['step_ms']:7.3f} ms "
+                  f"(device {r['device_step_ms']:7.3f}, idle {r['idle_pct']:4.1f}%)  "
                   f"{r['tokens_per_s']:7.0f} tok/s  floor {r['floor_ms']:.3f} ms "
                   f"({r['vs_floor']:.2f}x; W {r['weights_gb']:.1f} + KV {r['kv_gb']:.2f} + "
                   f"LoRA {r['lora_gb']:.2f} GB)  host ms {r['host_ms']}", flush=True)

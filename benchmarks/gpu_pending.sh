@@ -70,11 +70,18 @@ for section in "$@"; do
             run "engine-b32-${variant%%:*}" 150 env XLA_FLAGS="${variant#*:}" $py -m \
                 benchmarks.bench_engine --batch 32 --workloads base identical distinct --steps 30
         done ;;
+    profile)   # issue 5: where the batch-32 step's time goes, kernel by kernel (torch's CUPTI
+               # profiler), with the compiled HLO of each program in $out/prof
+        run engine-profile 300 $py -m benchmarks.bench_engine --batch 32 \
+            --workloads base identical distinct --steps 30 --profile "$out/prof" ;;
+    sweep)     # issue 5, acceptance 3: the decode sweep by batch and adapter mix
+        run engine-sweep 560 $py -m benchmarks.bench_engine --batch 1 8 32 64 128 256 \
+            --steps 30 ;;
     tp)        # issue 5, acceptance 5: where the two-GPU engine crashed, then the comparison
         run diagnose-tp 300 $py -m benchmarks.diagnose_tp --tp 2
         run tp-compare 280 $py -m benchmarks.bench_engine --batch --tp-compare 2 ;;
     *)
         echo "unknown section $section (tests kernels fused-kernel fused-engine adapters train" \
-             "server remat graphs tp)" >&2 ;;
+             "server remat graphs profile sweep tp)" >&2 ;;
     esac
 done
