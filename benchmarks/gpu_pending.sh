@@ -11,10 +11,11 @@
 #   bash benchmarks/gpu_pending.sh tp                   # nvidia-h200-x2 (~6 min)
 #   bash benchmarks/gpu_pending.sh train server         # nvidia-h200 (~5 min; done 2026-12-01)
 #
-# Still owed (2026-12-01, third session): tp (issue 5, two GPUs; that kind was not lent).
-# adapters, graphs and remat ran that session (RESULTS.md); graphs showed that launches are
-# not LoRA's per-step cost, so a per-kernel device trace of one batch-32 step is the next
-# measurement for issue 5.
+#   bash benchmarks/gpu_pending.sh profile              # nvidia-h200 (~1 min; done 2026-12-02)
+#   bash benchmarks/gpu_pending.sh sweep                # nvidia-h200 (~6 min; done 2026-12-02)
+#
+# Still owed (2026-12-02): tp (issue 5, two GPUs; that kind was not lent). The trace
+# (profile) and the sweep with the glue-free LoRA kernels are in RESULTS.md.
 # Each section writes its full log to $OUT/<section>.log (the device tool returns $OUT) and
 # prints its last lines; a section that fails or times out does not stop the others.
 set -uo pipefail
