@@ -12,20 +12,19 @@ import json
 def print_kernels(work, steps: int, title: str, top: int = 20) -> None:
     """Run `work()` `steps` times under the profiler; print kernels by time per step."""
     try:
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                work()
-        events = [e for e in prof.key_averages() if e.device_time_total > 0]
+        events = kernel_trace(work, steps)
     except Exception as e:  # profiling is a diagnostic; never lose the timings to it
         print(f"-- {title}: profile failed: {type(e).__name__}: {e}")
         return
-    events.sort(key=lambda e: -e.device_time_total)
-    total = sum(e.device_time_total for e in events) / steps
-    print(f"-- {title}: {total:.1f} us of kernel time per step, "
-          f"{sum(e.count for e in events) / steps:.0f} launches")
-    for e in events[:top]:
-        print(f"{e.device_time_total / steps:9.2f} us {e.count / steps:6.1f}x  {e.key[:100]}")
+    by_name: dict[str, list] = {}
+    for e in events:
+        k = by_name.setdefault(e["name"], [0.0, 0])
+        k[0] += e["dur"]
+        k[1] += 1
+    print(f"-- {title}: {sum(e['dur'] for e in events) / steps:.1f} us of kernel time per "
+          f"step, {len(events) / steps:.0f} launches")
+    for name, (t, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"{t / steps:9.2f} us {n / steps:6.1f}x  {name[:100]}")
 
 
 def kernel_trace(work, steps: int) -> list[dict]:

@@ -40,8 +40,8 @@ class DecodeAttentionBlocks:
     num_stages: int = 4     # best of those tried on an H200 (benchmarks/RESULTS.md)
 
 
-def _kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, *stats_refs, block_s: int,
-            split_len: int, scale: float, rep: int):
+def decode_attention_kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, *stats_refs,
+                            block_s: int, split_len: int, scale: float, rep: int):
     # q_ref [Rq, E]; k_ref, v_ref [S, E]; o_ref [Rq, E]; stats_refs: m_ref, l_ref [Rq] when
     # the positions are split (o is then unnormalized), none when one program sees them all.
     b, split = pl.program_id(0), pl.program_id(2)
@@ -126,8 +126,9 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - R), (0, 0)))
     n_splits = _num_splits(B, G, S, blocks.block_s)
     split_len = pl.cdiv(pl.cdiv(S, n_splits), blocks.block_s) * blocks.block_s
-    kernel = functools.partial(_kernel, block_s=blocks.block_s, split_len=split_len,
-                               scale=E ** -0.5, rep=max(1, _MIN_ROWS // rows))
+    kernel = functools.partial(decode_attention_kernel, block_s=blocks.block_s,
+                               split_len=split_len, scale=E ** -0.5,
+                               rep=max(1, _MIN_ROWS // rows))
     if n_splits == 1:  # the kernel normalizes and writes q's dtype: no combine step
         out_shape = [jax.ShapeDtypeStruct((B, G, rows, E), q.dtype)]
         out_specs = [pl.BlockSpec((None, None, rows, E), lambda b, g, s: (b, g, 0, 0))]

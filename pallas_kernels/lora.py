@@ -243,8 +243,8 @@ def lora_shrink(x: jax.Array, weights: LoraWeights, batch: LoraBatch, *, impl: s
         tiles = pl.cdiv(Tp, BT)
         n_splits = _splits(n_kblocks, tiles * M * (R // BR), blocks)
         kernel = functools.partial(shrink_segments_kernel, layer=weights.layer, block_t=BT,
-                                   block_r=BR, block_k=BK,
-                                   n_rblocks=R // BR, n_splits=n_splits, has_u=u is not None)
+                                   block_r=BR, block_k=BK, n_rblocks=R // BR,
+                                   n_splits=n_splits, has_u=u is not None)
         out = pl.pallas_call(
             kernel, grid=(n_seg, tiles, M * (R // BR) * n_splits),
             out_shape=jax.ShapeDtypeStruct((n_splits, M, Tp, R), jnp.float32),

@@ -70,8 +70,9 @@ def _split_run(max_pos, table_len: int, page_size: int, step_pages: int, n_split
     return first, last, jnp.minimum(end, last * page_size)
 
 
-def _kernel(table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *stats_refs, page_size: int,
-            step_pages: int, n_splits: int, scale: float, rep: int):
+def paged_attention_kernel(table_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *stats_refs,
+                           page_size: int, step_pages: int, n_splits: int, scale: float,
+                           rep: int):
     # table_ref [W] page ids; pos_ref [T]; q_ref [T, Rp, E]; k_ref, v_ref [P * Z, E] (this kv
     # head's pages, flattened); o_ref [T, Rp, E]; stats_refs: m_ref, l_ref [T, Rp] when the
     # pages are split (o is then unnormalized), none when one program sees them all.
@@ -186,7 +187,7 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, 0), (0, r_p - R), (0, 0)))
     step_pages = max(1, blocks.block_s // Z)
     n_splits = _num_splits(N, G, pl.cdiv(W, step_pages))
-    kernel = functools.partial(_kernel, page_size=Z, step_pages=step_pages,
+    kernel = functools.partial(paged_attention_kernel, page_size=Z, step_pages=step_pages,
                                n_splits=n_splits, scale=E ** -0.5,
                                rep=max(1, _MIN_ROWS // (T * r_p)))
     if n_splits == 1:  # the kernel normalizes and writes q's dtype: no combine step
