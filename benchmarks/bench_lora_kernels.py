@@ -30,7 +30,8 @@ import numpy as np
 from benchmarks.bench_decode import copy_bandwidth
 from benchmarks.profiling import print_kernels
 from pallas_kernels.lora import (POOL_SLACK_ROWS, LoraBatch, LoraBlocks, LoraWeights,
-                                 lora_apply, lora_expand, lora_shrink)
+                                 lora_apply, lora_expand, lora_gemm_tokens, lora_project,
+                                 lora_shrink)
 
 U = 16                  # ops per loop iteration
 CONFIGS = {  # named block configurations for --configs sweeps
@@ -304,6 +305,63 @@ def bench_apply(group: str, h: int, case: str, T: int, r: int, ceiling: float,
     return out
 
 
+GEMMS = {  # --project: Pallas matmul tilings (the base matmul with LoRA in its epilogue)
+    "g64": LoraBlocks(gemm=True),
+    "g128": LoraBlocks(gemm=True, gemm_block_n=128),
+    "g64k256": LoraBlocks(gemm=True, gemm_block_k=256, gemm_stages=3),
+    "g32k256": LoraBlocks(gemm=True, gemm_block_n=32, gemm_block_k=256, gemm_stages=3),
+    "g64p132": LoraBlocks(gemm=True, gemm_programs=132),
+    "g128w8": LoraBlocks(gemm=True, gemm_block_n=128, gemm_warps=8, gemm_programs=528),
+    "g64l256": LoraBlocks(gemm=True, gemm_block_l=256),
+    "g64s3": LoraBlocks(gemm=True, gemm_stages=3),
+}
+
+
+def bench_project(group: str, h: int, case: str, T: int, r: int, ceiling: float, reps: int,
+                  gemms: list[str], pgemm: bool = True) -> dict:
+    """One projection group of the decode step, base matmul included: XLA's matmul alone
+    (`base`), the Pallas matmul alone (`pgemm:<tiling>`), XLA's matmul + the split kernels
+    (`split`, today's step) and the shrink + Pallas matmul with the expand in its epilogue
+    (`gemm:<tiling>`). 8 ops per loop iteration, each on its own adapter slots and its own
+    copy of the base weight (together past L2). Microseconds per op, bytes floor beside."""
+    D, widths = groups(h)[group]
+    N = sum(widths)
+    weights, n_slots = make_bank(r, D, widths, jax.random.key(T + r))
+    sizes = popularity(case, T)
+    items = batches(sizes, n_slots, False, rot=0)[:8]     # 8 ops a loop: shorter compiles
+    ws = [jax.random.normal(jax.random.key(10 + i), (D, N), jnp.bfloat16) * 0.02
+          for i in range(len(items))]   # a weight per op: XLA may not merge equal matmuls
+    x = jax.random.normal(jax.random.key(1), (T, D), jnp.bfloat16)
+    ref = lora_project(x, ws[0], weights, items[0], impl="xla")
+    variants = {"base": None, "split": LoraBlocks()}
+    for g in gemms:
+        if pgemm:
+            variants[f"pgemm:{g}"] = GEMMS[g]
+        variants[f"gemm:{g}"] = GEMMS[g]
+    out = dict(group=group, case=case, T=T, r=r)
+    for name, blocks in variants.items():
+        if name == "base":
+            fn = lambda x, w, b: x @ w                                         # noqa: E731
+        elif name.startswith("pgemm"):
+            fn = lambda x, w, b, bl=blocks: lora_gemm_tokens(x, w, None, None, None,  # noqa
+                                                             blocks=bl)
+        else:
+            fn = lambda x, w, b, bl=blocks: lora_project(x, w, weights, b, blocks=bl)  # noqa
+        got = fn(x, ws[0], items[0])
+        want = x @ ws[0] if name == "base" or name.startswith("pgemm") else ref
+        err = float(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32)).max())
+        assert err <= 0.02 * float(jnp.abs(want.astype(jnp.float32)).max()), (name, err)
+
+        def ops(x, args, fn=fn):
+            ws, items = args
+            return tuple(fn(x, w, b) for w, b in zip(ws, items))
+        out[f"{name}_us"] = carried_us(ops, x, (ws, items), reps) / len(items)
+    n = len(sizes)
+    out["base_floor_us"] = (2 * D * N + 2 * T * (D + N)) / ceiling * 1e6
+    out["floor_us"] = out["base_floor_us"] + 2 * n * r * (D + N) / ceiling * 1e6
+    return out
+
+
 def profile_ops(r: int, h: int):
     """Kernels of one shrink + expand, distinct T=64 (tokens) and identical T=256 (segments)."""
     weights, n_slots = make_bank(r, h, (h,), jax.random.key(5))
@@ -323,7 +381,7 @@ def profile_ops(r: int, h: int):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--ranks", type=int, nargs="*", default=[16, 64])
     ap.add_argument("--tokens", type=int, nargs="*", default=[1, 16, 32, 64, 128, 256])
     ap.add_argument("--cases", nargs="+", default=["distinct", "uniform", "skewed", "identical"])
     ap.add_argument("--baselines", nargs="*", default=["distinct", "identical"],
@@ -333,6 +391,15 @@ def main():
     ap.add_argument("--apply", type=int, nargs="*", default=[],
                     help="T values: llama2-7b's groups, split vs fused shrink + expand")
     ap.add_argument("--apply-cases", nargs="+", default=["distinct", "identical"])
+    ap.add_argument("--project", type=int, nargs="*", default=[],
+                    help="T values: llama2-7b's groups with their base matmul, XLA + split "
+                         "kernels vs the Pallas matmul with LoRA in its epilogue")
+    ap.add_argument("--gemms", nargs="+", default=["g64"], choices=list(GEMMS),
+                    help="--project: Pallas matmul tilings")
+    ap.add_argument("--pgemm", action="store_true",
+                    help="--project: also time the Pallas matmul alone")
+    ap.add_argument("--groups", nargs="+", default=["qkv", "o", "gate_up", "down"],
+                    help="--project: which of llama2-7b's projection groups")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--hidden", type=int, default=4096, help="h (smaller for smoke runs)")
     ap.add_argument("--profile", action="store_true", help="list the kernels of a few cases")
@@ -394,9 +461,23 @@ def main():
                       f"fused {a['fused_us']:7.2f} xla {a['xla_us']:7.2f} us, floor "
                       f"{a['floor_us']:6.2f} us; fused / split "
                       f"{a['fused_us'] / a['split_us']:.2f}", flush=True)
+    projected = []
+    for T in args.project:
+        for case in args.apply_cases:
+            for group in args.groups:
+                p = bench_project(group, h, case, T, 16, ceiling, args.reps, args.gemms,
+                                  args.pgemm)
+                for k in p:
+                    if k.endswith("_us") and "floor" not in k:
+                        p[k] -= loop
+                projected.append(p)
+                times = "  ".join(f"{k[:-3]} {v:6.2f}" for k, v in p.items()
+                                  if k.endswith("_us") and "floor" not in k)
+                print(f"project {group:7s} {case:9s} T={T:3d}: {times}  floor base "
+                      f"{p['base_floor_us']:.2f} with LoRA {p['floor_us']:.2f} us", flush=True)
     print(json.dumps(dict(bench="lora_kernels", device=jax.devices()[0].device_kind,
                           jax=jax.__version__, ceiling_gbps=ceiling / 1e9, loop_us=loop,
-                          results=rows, fused=fused, apply=applied)))
+                          results=rows, fused=fused, apply=applied, project=projected)))
 
 
 if __name__ == "__main__":

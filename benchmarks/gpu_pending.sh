@@ -13,8 +13,11 @@
 #
 #   bash benchmarks/gpu_pending.sh profile              # nvidia-h200 (~1 min; done 2026-12-02)
 #   bash benchmarks/gpu_pending.sh sweep                # nvidia-h200 (~6 min; done 2026-12-02)
+#   bash benchmarks/gpu_pending.sh gemm-kernel          # nvidia-h200 (~4 min; done 2026-12-02)
+#   bash benchmarks/gpu_pending.sh gemm-engine          # nvidia-h200 (~6 min)
 #
-# Still owed (2026-12-02): tp (issue 5, two GPUs; that kind was not lent). The trace
+# Still owed (2026-12-02): gemm-engine (issue 5: the step with lora_kernel="gemm"; the
+# session's GPU time ran out) and tp (issue 5, two GPUs; that kind was not lent). The trace
 # (profile) and the sweep with the glue-free LoRA kernels are in RESULTS.md.
 # Each section writes its full log to $OUT/<section>.log (the device tool returns $OUT) and
 # prints its last lines; a section that fails or times out does not stop the others.
@@ -75,6 +78,16 @@ for section in "$@"; do
                # profiler), with the compiled HLO of each program in $out/prof
         run engine-profile 300 $py -m benchmarks.bench_engine --batch 32 \
             --workloads base identical distinct --steps 30 --profile "$out/prof" ;;
+    gemm-kernel)   # issue 5: the base matmul in Pallas with the adapters' term in the same
+                   # launch (its tests compiled for the GPU, then llama2-7b's groups at
+                   # batch 32 against XLA's matmul + the split kernels)
+        run gemm-tests 200 env JAX_PLATFORMS=cuda $py -m pytest -q \
+            tests/pallas_kernels/test_lora.py -k "gemm and (bf16 or split) and not lowers"
+        run bench-project 240 $py -m benchmarks.bench_lora_kernels --ranks --tokens \
+            --project 32 --apply-cases distinct identical --groups qkv o down --reps 10 ;;
+    gemm-engine)   # issue 5, acceptance 4: the batch-32 step with the gemm LoRA kernel
+        run engine-gemm 400 $py -m benchmarks.bench_engine --batch 32 \
+            --workloads base distinct identical --lora-kernel split gemm --steps 30 ;;
     sweep)     # issue 5, acceptance 3: the decode sweep by batch and adapter mix
         run engine-sweep 560 $py -m benchmarks.bench_engine --batch 1 8 32 64 128 256 \
             --steps 30 ;;

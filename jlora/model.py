@@ -32,7 +32,7 @@ import numpy as np
 
 from jlora.config import ModelConfig
 from pallas_kernels.decode_attention import decode_attention
-from pallas_kernels.lora import LoraBatch, LoraBlocks, lora_apply
+from pallas_kernels.lora import LoraBatch, LoraBlocks, lora_project
 
 Params = dict
 
@@ -50,28 +50,27 @@ class KVCache(NamedTuple):
 
 class LoraContext(NamedTuple):
     """Adapters for one forward: the bank's arrays (`jlora.bank.BankArrays`) and which slot
-    each of the B*T flattened tokens uses. Any object with this `apply` can stand in (the
+    each of the B*T flattened tokens uses. Any object with this `project` can stand in (the
     training modules do, with one dense adapter)."""
 
     bank: object
     batch: LoraBatch
     blocks: LoraBlocks = LoraBlocks()   # the Pallas kernels' tiling and launch choices
 
-    def apply(self, x: jax.Array, y: jax.Array, layer: int, group: str, impl: str):
-        """y [T, out] of projection group `group` at `layer`, plus the adapters' term."""
-        return lora_apply(x, y, self.bank.weights(layer, group), self.batch, impl=impl,
-                          blocks=self.blocks)
+    def project(self, x: jax.Array, w: jax.Array, layer: int, group: str, impl: str):
+        """x [T, in] @ w of projection group `group` at `layer`, plus the adapters' term
+        (with `blocks.gemm`, the Pallas matmul adds it in its epilogue)."""
+        return lora_project(x, w, self.bank.weights(layer, group), self.batch, impl=impl,
+                            blocks=self.blocks)
 
 
 def project(x: jax.Array, w: jax.Array, lora: LoraContext | None, layer: int, group: str,
             impl: str) -> jax.Array:
     """x [B, T, in] @ w [in, out], plus every token's adapter on this projection group."""
-    y = x @ w
     if lora is None:
-        return y
+        return x @ w
     B, T, _ = x.shape
-    y = lora.apply(x.reshape(B * T, -1), y.reshape(B * T, -1), layer, group, impl)
-    return y.reshape(B, T, -1)
+    return lora.project(x.reshape(B * T, -1), w, layer, group, impl).reshape(B, T, -1)
 
 
 def rows_as_segments(row_slots: jax.Array, T: int) -> LoraBatch:

@@ -23,7 +23,9 @@ or sorted segments (prefill), served by segment kernels whose tiles of tokens sh
 adapter and multiply on the tensor cores. The shrink returns `v` as per-split partial sums
 [KS, M, T, R] (float32) that the expand adds up, so no extra launch reduces them. For
 per-token batches `LoraBlocks(fused_tokens=True)` does both in one launch instead (each
-program keeps its token's v in registers; see `lora_fused_tokens`).
+program keeps its token's v in registers; see `lora_fused_tokens`), and `lora_project` with
+`LoraBlocks(gemm=True)` runs the base projection itself in Pallas, the expand beside it in
+the same launch (`lora_gemm_tokens`).
 
 Tables come stacked over layers and `LoraWeights.layer` picks one inside the kernels: a
 step's launches take the bank's arrays as they are (slicing a layer's tables out would cost a
@@ -47,8 +49,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.lora_kernels import (expand_segments_kernel, expand_tokens_kernel,
-                                         fused_tokens_kernel, shrink_segments_kernel,
-                                         shrink_tokens_kernel)
+                                         fused_tokens_kernel, gemm_tokens_kernel,
+                                         shrink_segments_kernel, shrink_tokens_kernel)
 
 IMPLS = ("pallas", "xla")
 POOL_SLACK_ROWS = 64   # unused rows at each pool's end: a full row block never runs past it
@@ -129,6 +131,16 @@ class LoraBlocks:
     fused_tokens: bool = False   # per-token batches: shrink and expand in one launch
     fused_programs: int = 256    # the fused kernel splits each module's columns into chunks
     max_chunks: int = 8          # until about this many programs run, into at most max_chunks
+    gemm: bool = False           # per-token batches: the base matmul in a Pallas kernel that
+    gemm_max_tokens: int = 64    # computes the expand in the same launch (`lora_project`), for
+    gemm_block_t: int = 32       # steps of up to this many tokens (larger: cuBLAS, then split)
+    gemm_block_n: int = 64
+    gemm_block_k: int = 128
+    gemm_block_l: int = 128      # (token, rank row) pairs per step of the term's loop
+    gemm_programs: int = 264     # split D until about this many programs run (2 per SM)...
+    gemm_max_splits: int = 4     # ...into at most this many float32 partial outputs
+    gemm_warps: int = 4
+    gemm_stages: int = 4
 
 
 def v_width(max_rank: int, blocks: LoraBlocks = LoraBlocks()) -> int:
@@ -380,6 +392,84 @@ def lora_fused_tokens(x: jax.Array, y: jax.Array, weights: LoraWeights, batch: L
     )(batch.token_slots, weights.a_start, weights.b_start, weights.rank, weights.scale, x,
       weights.a, *operands)
     return add_term(y, delta, weights, batch)
+
+
+def lora_project(x: jax.Array, w: jax.Array, weights: LoraWeights, batch: LoraBatch, *,
+                 impl: str = "pallas", blocks: LoraBlocks = LoraBlocks(),
+                 interpret: bool | None = None) -> jax.Array:
+    """The group's projection x @ w plus every token's adapter: [T, sum N_m] in x's dtype.
+
+    With `blocks.gemm` (Pallas, one slot per token, T <= gemm_max_tokens) two launches do it:
+    the shrink, then the Pallas matmul that computes the expand in the same launch
+    (`lora_gemm_tokens`). Otherwise XLA's matmul, then `lora_apply`."""
+    if (impl == "pallas" and blocks.gemm and not batch.is_segments
+            and x.shape[0] <= blocks.gemm_max_tokens):
+        v = lora_shrink(x, weights, batch, blocks=blocks, interpret=interpret)
+        return lora_gemm_tokens(x, w, v, weights, batch, blocks=blocks, interpret=interpret)
+    return lora_apply(x, x @ w, weights, batch, impl=impl, blocks=blocks, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
+def lora_gemm_tokens(x: jax.Array, w: jax.Array, v: jax.Array | None,
+                     weights: LoraWeights | None, batch: LoraBatch | None, *,
+                     blocks: LoraBlocks = LoraBlocks(), interpret: bool | None = None
+                     ) -> jax.Array:
+    """x [T, D] @ w [D, sum N_m] plus every token's adapter term from the shrink's partial
+    sums v (`lora_shrink`), g * (x @ w) + delta, in one Pallas launch: programs for the
+    matmul (D split into up to gemm_max_splits parts when the column blocks alone give too
+    few programs) and programs for the term run side by side, each writing a float32
+    partial sum that XLA adds up inside whatever reads the projection. With weights None,
+    the plain matmul (for benchmarks)."""
+    T, D = x.shape
+    if w.shape[0] != D:
+        raise ValueError(f"x has {D} features but w is {w.shape}")
+    N = w.shape[1]
+    if weights is not None:
+        _check(x, weights, batch, "pallas", "shrink", blocks)
+        if batch.is_segments:
+            raise ValueError("lora_gemm_tokens takes token_slots, not segments")
+        if N != sum(weights.widths):
+            raise ValueError(f"w has {N} columns but the modules' outputs add up to "
+                             f"{sum(weights.widths)} ({weights.widths})")
+        if v is None or v.ndim != 4 or v.shape[1:3] != (len(weights.b), T):
+            raise ValueError(f"v must be the shrink's [KS, M={len(weights.b)}, T={T}, R] "
+                             f"partial sums, got {getattr(v, 'shape', None)}")
+    widths = weights.widths if weights is not None else (N,)
+    BN = min(_block(n, blocks.gemm_block_n, "module output width") for n in widths)
+    BK = _block(D, blocks.gemm_block_k, "input features D")
+    BT = max(16, min(blocks.gemm_block_t, pl.next_power_of_2(T)))
+    Tp = pl.cdiv(T, BT) * BT
+    programs = (Tp // BT) * (N // BN)
+    wanted = min(D // BK, blocks.gemm_max_splits, max(1, blocks.gemm_programs // programs))
+    n_splits = 1 << (wanted.bit_length() - 1)
+    xp = jnp.pad(x, ((0, Tp - T), (0, 0))) if Tp > T else x
+    parts = n_splits + (weights is not None)        # the adapters' term: one part more
+    out_dtype = x.dtype if parts == 1 else jnp.float32
+    compiler = pltriton.CompilerParams(num_warps=blocks.gemm_warps,
+                                       num_stages=blocks.gemm_stages)
+    common = dict(grid=(Tp // BT, N // BN, parts),
+                  out_shape=jax.ShapeDtypeStruct((parts, Tp, N), out_dtype),
+                  compiler_params=compiler, interpret=_interpret(interpret))
+    statics = dict(block_t=BT, block_k=BK, block_n=BN, n_splits=n_splits)
+    if weights is None:
+        zero = jnp.zeros((Tp,), jnp.int32)
+        out = pl.pallas_call(functools.partial(
+            gemm_tokens_kernel, M=0, layer=0, first_block=(), has_w=False, has_g=False,
+            block_l=16, **statics), **common)(zero, zero, zero, zero, xp, w, zero)
+    else:
+        slots = jnp.pad(batch.token_slots, (0, Tp - T))        # padding rows: slot 0
+        vp = jnp.pad(v, ((0, 0), (0, 0), (0, Tp - T), (0, 0))) if Tp > T else v
+        M, R = len(widths), v.shape[3]
+        first_block = tuple(sum(n // BN for n in widths[:m]) for m in range(M + 1))
+        kernel = functools.partial(   # whole tokens per chunk of the term's loop
+            gemm_tokens_kernel, M=M, layer=weights.layer, first_block=first_block,
+            has_w=weights.w is not None, has_g=weights.g is not None,
+            block_l=max(R, min(blocks.gemm_block_l, BT * R)), **statics)
+        out = pl.pallas_call(kernel, **common)(
+            slots, weights.b_start, weights.rank, weights.scale, xp, w, vp, *weights.b,
+            *(weights.w or ()), *(weights.g or ()))
+    out = out[0] if parts == 1 else out.sum(axis=0).astype(x.dtype)
+    return out[:T] if Tp > T else out
 
 
 # ----------------------------------------------------------------------------- XLA references

@@ -1,5 +1,6 @@
-"""The four Pallas (Triton backend) kernels behind `pallas_kernels.lora`: shrink and expand,
-each per token (decode) and per segment (prefill), plus shrink and expand fused per token.
+"""The Pallas (Triton backend) kernels behind `pallas_kernels.lora`: shrink and expand,
+each per token (decode) and per segment (prefill); shrink and expand fused per token; and
+the base matmul with the adapters' term in the same launch, per token.
 The math, the data layout and the public wrappers that launch these are in lora.py; this file
 holds only the kernel bodies.
 
@@ -224,3 +225,89 @@ def fused_tokens_kernel(slot_ref, a_start_ref, b_start_ref, rank_ref, scale_ref,
                 return carry
 
             lax.fori_loop(nb0, nb1, n_step, 0)
+
+
+# the base projection with the expand in its epilogue, per token
+
+def gemm_tokens_kernel(slot_ref, b_start_ref, rank_ref, scale_ref, x_ref, w_ref, v_ref, *rest,
+                       M, layer, block_t, block_k, block_n, block_l, n_splits, first_block,
+                       has_w, has_g):
+    """Program (tile, nb, p) writes partial sum p of tile x column block nb: for p <
+    n_splits, x[tile] @ W[part p of D, nb] (times DoRA's g); p = n_splits is the adapters'
+    term alone. The term runs in programs of its own, beside the matmul's, so its short
+    latency-bound loop hides behind their streaming instead of trailing them; the partial
+    sums add up outside (M = 0: no term, the plain matmul).
+
+    The term is a small matmul loop whose "K" runs over the tile's (token, rank row) pairs,
+    block_l at a time: chunk c multiplies a block-diagonal [BT, block_l] piece of v (token
+    t's row r at column t*R + r) by the [block_l, BN] rows of B those pairs name, gathered
+    from each token's slot (rows past a token's rank masked: never read). Tables are read
+    once per tile; chunks pick their tokens' entries by one-hot sums."""
+    b_refs, rest = rest[:M], rest[M:]
+    w_refs, rest = (rest[:M], rest[M:]) if has_w else (None, rest)
+    g_refs, rest = (rest[:M], rest[M:]) if has_g else (None, rest)
+    (o_ref,) = rest
+    tile, nb, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    D = x_ref.shape[1]
+    t0, cols = tile * block_t, pl.ds(nb * block_n, block_n)
+    n_k = D // block_k
+    precision = _HIGHEST if x_ref.dtype == jnp.float32 else None
+    if M:
+        slots = slot_ref[pl.ds(t0, block_t)]                                # [BT]
+        # gathers index with arrays only (interpret mode takes no mix of arrays and slices)
+        rows, lanes = slots[:, None], jnp.arange(block_n)[None, :]
+
+    def module_g(m):     # DoRA's g of module m on this column block, [BT, BN]
+        mcols = (nb - first_block[m]) * block_n + lanes
+        return g_refs[m][jnp.int32(layer), rows, mcols].astype(jnp.float32)
+
+    @pl.when(part < n_splits)
+    def _():
+        def k_step(kb, acc):
+            kcols = pl.ds(kb * block_k, block_k)
+            return acc + jnp.dot(x_ref[pl.ds(t0, block_t), kcols], w_ref[kcols, cols],
+                                 preferred_element_type=jnp.float32, precision=precision)
+
+        acc = lax.fori_loop(part * n_k // n_splits, (part + 1) * n_k // n_splits, k_step,
+                            jnp.zeros((block_t, block_n), jnp.float32))
+        if not has_g:
+            o_ref[part, pl.ds(t0, block_t), cols] = acc.astype(o_ref.dtype)
+        for m in range(M if has_g else 0):
+            @pl.when((nb >= first_block[m]) & (nb < first_block[m + 1]))
+            def _(m=m):
+                o_ref[part, pl.ds(t0, block_t), cols] = (acc * module_g(m)).astype(o_ref.dtype)
+
+    if M == 0:
+        return
+    n_v, R = v_ref.shape[0], v_ref.shape[3]
+    j = jnp.arange(block_l)
+    tokens = jnp.arange(block_t)[:, None]
+    for m in range(M):
+        @pl.when((part == n_splits) & (nb >= first_block[m]) & (nb < first_block[m + 1]))
+        def _(m=m):
+            mcols = (nb - first_block[m]) * block_n + lanes                 # [1, BN]
+            lm = (jnp.int32(layer), jnp.int32(m))
+            rank, row0 = rank_ref[(*lm, slots)], b_start_ref[(*lm, slots)]  # [BT] each
+
+            def l_step(c, delta):
+                tok, r = c * (block_l // R) + j // R, j % R                  # [BL] each
+                pick = tokens == tok[None, :]                                # [BT, BL]
+                live = r < jnp.sum(jnp.where(pick, rank[:, None], 0), axis=0)
+                row = jnp.sum(jnp.where(pick, row0[:, None], 0), axis=0) + r
+                vj = pltriton.load(v_ref.at[jnp.arange(n_v)[:, None], jnp.int32(m),
+                                            (t0 + tok)[None, :], r[None, :]],
+                                   mask=live[None, :], other=0.0).sum(axis=0)  # [BL]
+                bt = pltriton.load(b_refs[m].at[row[:, None], mcols], mask=live[:, None],
+                                   other=0.0)                                # [BL, BN]
+                vt = jnp.where(pick, vj[None, :], 0.0).astype(bt.dtype)     # [BT, BL]
+                return delta + jnp.dot(vt, bt, preferred_element_type=jnp.float32,
+                                       precision=precision)
+
+            delta = lax.fori_loop(0, block_t * R // block_l, l_step,
+                                  jnp.zeros((block_t, block_n), jnp.float32))
+            delta = delta * scale_ref[(*lm, slots)][:, None]
+            if has_w:
+                delta = delta * w_refs[m][jnp.int32(layer), rows, mcols].astype(jnp.float32)
+            if has_g:
+                delta = delta * module_g(m)
+            o_ref[n_splits, pl.ds(t0, block_t), cols] = delta.astype(o_ref.dtype)

@@ -46,7 +46,7 @@ from serving.request import Request, RequestOutput, RequestStream, Status
 from serving.scheduler import Plan, Scheduler, SchedulerConfig
 from serving.step import StepBatch, engine_step, make_batch, pack
 
-LORA_KERNELS = ("split", "fused")
+LORA_KERNELS = ("split", "fused", "gemm")
 
 
 class QueueFull(Exception):
@@ -70,7 +70,9 @@ class EngineConfig:
     prefill_buckets: tuple[int, ...] = ()  # (): 0, Q, 4Q, 16Q, ... and the budget
     impl: str | None = None       # "pallas" or "xla"; None: Pallas on a GPU
     lora_kernel: str = "split"    # Pallas LoRA on the step's tokens: "split" (shrink, then
-                                  # expand) or "fused" (both in one launch; ranks <= 64)
+                                  # expand), "fused" (both in one launch; ranks <= 64) or
+                                  # "gemm" (shrink, then the base matmul in Pallas with the
+                                  # expand in its epilogue; steps of <= 64 tokens)
     lora_blocks: LoraBlocks = LoraBlocks()  # the Pallas LoRA kernels' tiling (per GPU tuning)
     tp: int = 1                   # devices the model is split over (serving/sharding.py)
     # Adapters: GPU slots in the bank (0: the bank the model was given by load_adapter, if
@@ -136,7 +138,8 @@ class Engine:
                              f"{HOST_MEMORY}")
         if not isinstance(config.lora_blocks, LoraBlocks):
             raise ValueError(f"lora_blocks must be a LoraBlocks, got {config.lora_blocks!r}")
-        self.lora_blocks = replace(config.lora_blocks, fused_tokens=config.lora_kernel == "fused")
+        self.lora_blocks = replace(config.lora_blocks, fused_tokens=config.lora_kernel == "fused",
+                                   gemm=config.lora_kernel == "gemm")
         if self.lora_blocks.fused_tokens and self.bank is not None and \
                 not fused_fits(self.bank.max_rank, self.lora_blocks):
             raise ValueError(f"lora_kernel='fused' serves ranks up to {POOL_SLACK_ROWS}; this "

@@ -118,7 +118,8 @@ class TrainLora:
     def __init__(self, adapters: Adapters, base_params: dict, dropout_key=None):
         self.adapters, self.params, self.key = adapters, base_params, dropout_key
 
-    def apply(self, x: jax.Array, y: jax.Array, layer: int, group: str, impl: str):
+    def project(self, x: jax.Array, w: jax.Array, layer: int, group: str, impl: str):
+        y = x @ w
         ad, cfg, spec = self.adapters, self.adapters.cfg, self.adapters.spec
         if cfg.tp != 1:
             raise ValueError("training runs on params laid out for one device (tp=1)")
@@ -143,8 +144,8 @@ class TrainLora:
                 delta = delta * mod["v"]
             new = part.astype(jnp.float32) + delta
             if "m" in mod:   # DoRA: g = m / ||W + s B A||, the norm a constant for gradients
-                w = base_weight(self.params, cfg, layer, target).astype(jnp.float32)
-                merged = w + spec.scale * (mod["b"] @ mod["a"]).T
+                base = base_weight(self.params, cfg, layer, target).astype(jnp.float32)
+                merged = base + spec.scale * (mod["b"] @ mod["a"]).T
                 new = new * (mod["m"] / jax.lax.stop_gradient(_column_norms(merged)))
             out.append(new.astype(y.dtype))
         return jnp.concatenate(out, axis=-1)

@@ -12,7 +12,8 @@ import pytest
 
 from jlora.lora import SlotAdapter, pack_lora_weights
 from pallas_kernels.lora import (POOL_SLACK_ROWS, LoraBatch, LoraBlocks, LoraWeights,
-                                 lora_apply, lora_expand, lora_fused_tokens, lora_shrink)
+                                 lora_apply, lora_expand, lora_fused_tokens, lora_gemm_tokens,
+                                 lora_project, lora_shrink)
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}  # max |out - ref| / max |ref|
 D, WIDTHS = 64, (64, 32, 32)                   # a q/k/v-like group with GQA widths
@@ -240,7 +241,7 @@ def layered(weights: LoraWeights, layer: int) -> tuple[LoraWeights, list[LoraWei
 
 
 @pytest.mark.parametrize("variant", ["lora", "tied", "dora"])
-@pytest.mark.parametrize("form", ["tokens", "segments", "fused"])
+@pytest.mark.parametrize("form", ["tokens", "segments", "fused", "gemm"])
 def test_kernels_read_the_tables_of_their_layer(form, variant):
     """Tables stacked over layers (as the bank keeps them): each kernel reads `layer`'s, and
     gives what that layer's tables alone give."""
@@ -250,18 +251,22 @@ def test_kernels_read_the_tables_of_their_layer(form, variant):
     slots = np.sort(rng.integers(0, len(UP_TO_64), 12))
     batch = segments_of(list(slots)) if form == "segments" else \
         LoraBatch(token_slots=jnp.asarray(slots, jnp.int32))
-    blocks = FUSED if form == "fused" else SMALL
+    blocks = {"fused": FUSED, "gemm": GEMM}.get(form, SMALL)
+    w = base_weight(rng, jnp.float32)
+    apply = (lambda wts, **kw: lora_project(x, w, wts, batch, **kw)) if form == "gemm" else \
+        (lambda wts, **kw: lora_apply(x, jnp.array(y), wts, batch, **kw))   # noqa: E731
     outs = []
     for layer in range(3):
         stacked, singles = layered(weights, layer)
-        ref = lora_apply(x, jnp.array(y), singles[layer], batch, impl="xla")
-        np.testing.assert_array_equal(
-            lora_apply(x, jnp.array(y), stacked, batch, impl="xla"), ref)
-        out = lora_apply(x, jnp.array(y), stacked, batch, blocks=blocks)
+        with jax.default_matmul_precision("highest"):   # x @ w not in TF32 on the GPU
+            ref = apply(singles[layer], impl="xla")
+            np.testing.assert_array_equal(apply(stacked, impl="xla"), ref)
+        out = apply(stacked, blocks=blocks)
         assert rel_err(out, ref) < TOL[jnp.float32]
         outs.append(np.asarray(out))
-    if variant != "dora":       # layer 0 has no adapter: y comes back as it was
-        np.testing.assert_array_equal(outs[0], y)
+    if variant != "dora":       # layer 0 has no adapter: the base output as it was
+        base = jnp.matmul(x, w, precision="highest") if form == "gemm" else y
+        np.testing.assert_allclose(outs[0], base, rtol=1e-5, atol=1e-5)
     assert not np.allclose(outs[1], outs[2])   # the swapped slots really read other rows
 
 
@@ -442,24 +447,146 @@ def test_apply_takes_the_fused_kernel_only_where_it_fits():
         lora_fused_tokens(x, jnp.array(y), wide, tokens, blocks=FUSED)
 
 
-FUSED_LOWERED = [  # (T, D, widths, max_rank, tied/dora vectors): llama2-7b's four groups,
-    (1, 4096, (4096, 4096, 4096), 16, False),  # llama3-8b's q/k/v, SmolLM2's
-    (32, 4096, (4096,), 16, True),
-    (64, 4096, (11008, 11008), 32, True),
-    (256, 11008, (4096,), 16, False),
-    (528, 4096, (4096, 1024, 1024), 64, True),
-    (7, 576, (576, 192, 192), 64, True),
+# the base matmul in Pallas with the adapters' term in the same launch (lora_project with
+# blocks.gemm)
+
+GEMM = LoraBlocks(gemm=True, gemm_block_t=16, gemm_block_n=32, gemm_block_k=16,
+                  gemm_programs=64)
+
+
+def base_weight(rng, dtype, widths=WIDTHS, dim=D):
+    return jnp.asarray(rng.normal(size=(dim, sum(widths))) / np.sqrt(dim), dtype)
+
+
+def kernels_of(fn, *args) -> list[str]:
+    """The Pallas kernels `fn` launches, by function name, in order."""
+    def walk(jaxpr, out):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                out.append(eqn.params["jaxpr"].debug_info.func_name)
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else [param]:
+                    sub = getattr(sub, "jaxpr", sub)        # a closed jaxpr's own
+                    if hasattr(sub, "eqns"):
+                        walk(sub, out)
+        return out
+    return walk(jax.make_jaxpr(fn)(*args).jaxpr, [])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("T", [1, 7, 40])
+@pytest.mark.parametrize("variant", ["lora", "tied", "dora"])
+def test_gemm_project_mixed_ranks_and_variants(variant, T, dtype):
+    """Ranks 8-128 and slot 0 in one batch, tiles of 16 tokens (T = 40: three, the last
+    padded), D split into parts: the projection with its adapters equals XLA's."""
+    rng = np.random.default_rng(300 + T)
+    weights = random_weights(rng, MIXED, variant=variant, dtype=dtype)
+    x, w = inputs(rng, T, dtype)[0], base_weight(rng, dtype)
+    slots = rng.integers(0, len(MIXED), T)
+    slots[0] = 4                                   # rank 128 is always in the batch
+    batch = LoraBatch(token_slots=jnp.asarray(slots, jnp.int32))
+    out = lora_project(x, w, weights, batch, blocks=GEMM)
+    with jax.default_matmul_precision("highest"):    # not TF32 on the GPU: the kernel isn't
+        ref = lora_project(x, w, weights, batch, impl="xla")
+    assert out.shape == (T, sum(WIDTHS)) and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+    if T > 1 and variant != "dora":
+        assert not np.allclose(np.asarray(out, np.float32), np.asarray(x @ w, np.float32),
+                               atol=1e-2)           # the adapters' term is really there
+    assert kernels_of(lambda x: lora_project(x, w, weights, batch, blocks=GEMM), x) == \
+        ["shrink_tokens_kernel", "gemm_tokens_kernel"]
+
+
+@pytest.mark.parametrize("programs", [1, 16, 10_000], ids=lambda p: f"programs{p}")
+def test_gemm_any_split_of_d_gives_the_same(programs):
+    """D cut into 1, 2 or 4 float32 parts (the term goes into part 0, DoRA's g scales every
+    part): one answer."""
+    rng = np.random.default_rng(31)
+    weights = random_weights(rng, UP_TO_64, variant="dora")
+    x, w = inputs(rng, 9, jnp.float32)[0], base_weight(rng, jnp.float32)
+    batch = LoraBatch(token_slots=jnp.asarray([1, 3, 0, 5, 4, 2, 2, 0, 3], jnp.int32))
+    blocks = LoraBlocks(gemm=True, gemm_block_n=16, gemm_block_k=16, gemm_programs=programs)
+    with jax.default_matmul_precision("highest"):
+        ref = lora_project(x, w, weights, batch, impl="xla")
+    assert rel_err(lora_project(x, w, weights, batch, blocks=blocks), ref) < TOL[jnp.float32]
+
+
+def test_gemm_alone_is_the_matmul():
+    rng = np.random.default_rng(32)
+    x, w = jnp.asarray(rng.normal(size=(5, 96)), jnp.float32), base_weight(rng, jnp.float32,
+                                                                           (48, 80), 96)
+    out = lora_gemm_tokens(x, w, None, None, None, blocks=GEMM)
+    assert rel_err(out, jnp.matmul(x, w, precision="highest")) < TOL[jnp.float32]
+
+
+def test_project_takes_the_gemm_kernel_only_for_small_token_batches():
+    """blocks.gemm: per-token batches of up to gemm_max_tokens tokens; segments and larger
+    steps keep XLA's matmul and the split kernels; blocks.gemm off: the split kernels."""
+    rng = np.random.default_rng(33)
+    weights = random_weights(rng, MIXED)
+    w = base_weight(rng, jnp.float32)
+    capped = LoraBlocks(gemm=True, gemm_max_tokens=8)
+    split = ["shrink_tokens_kernel", "expand_tokens_kernel"]
+    for T, batch, blocks, want in [
+            (8, None, capped, ["shrink_tokens_kernel", "gemm_tokens_kernel"]),
+            (9, None, capped, split),
+            (8, None, LoraBlocks(), split),
+            (8, segments_of([1, 1, 2, 2, 2, 0, 0, 0]), capped,
+             ["shrink_segments_kernel", "expand_segments_kernel"])]:
+        batch = batch or LoraBatch(token_slots=jnp.ones(T, jnp.int32))
+        x = jnp.ones((T, D), jnp.float32)
+        assert kernels_of(lambda x: lora_project(x, w, weights, batch, blocks=blocks), x) \
+            == want, (T, blocks)
+
+
+def test_gemm_refuses_mismatched_shapes():
+    rng = np.random.default_rng(34)
+    weights = random_weights(rng, MIXED)
+    batch = LoraBatch(token_slots=jnp.zeros(4, jnp.int32))
+    x = jnp.ones((4, D), jnp.float32)
+    with pytest.raises(ValueError, match=r"x has 64 features but w is \(32, 128\)"):
+        lora_gemm_tokens(x, jnp.ones((32, 128)), None, weights, batch)
+    with pytest.raises(ValueError, match=r"w has 96 columns but the modules' outputs add up "
+                                         r"to 128"):
+        lora_gemm_tokens(x, jnp.ones((D, 96)), jnp.zeros((1, 3, 4, 128)), weights, batch)
+    with pytest.raises(ValueError, match=r"v must be the shrink's \[KS, M=3, T=4, R\] partial "
+                                         r"sums, got None"):
+        lora_gemm_tokens(x, jnp.ones((D, 128)), None, weights, batch)
+
+
+# (kernel, T, D, widths, max_rank, tied/dora vectors): llama2-7b's four groups, llama3-8b's
+# q/k/v, SmolLM2's, through the one-launch kernels (fused: shrink + expand; gemm: the
+# shrink, then the matmul with the term), lowered for CUDA as that many Triton kernels
+TOKENS_LOWERED = [
+    ("fused", 1, 4096, (4096, 4096, 4096), 16, False),
+    ("fused", 32, 4096, (4096,), 16, True),
+    ("fused", 64, 4096, (11008, 11008), 32, True),
+    ("fused", 256, 11008, (4096,), 16, False),
+    ("fused", 528, 4096, (4096, 1024, 1024), 64, True),
+    ("fused", 7, 576, (576, 192, 192), 64, True),
+    ("gemm", 1, 4096, (4096, 4096, 4096), 16, False),
+    ("gemm", 32, 4096, (4096,), 16, True),
+    ("gemm", 32, 4096, (11008, 11008), 64, True),
+    ("gemm", 64, 11008, (4096,), 16, False),
+    ("gemm", 48, 4096, (4096, 1024, 1024), 256, True),
+    ("gemm", 7, 576, (576, 192, 192), 64, True),
 ]
 
 
-@pytest.mark.parametrize("case", FUSED_LOWERED, ids=lambda c: f"T{c[0]}-D{c[1]}-r{c[3]}")
-def test_fused_lowers_for_cuda_as_one_kernel(case):
-    T, dim, widths, max_rank, vectors = case
+@pytest.mark.parametrize("case", TOKENS_LOWERED,
+                         ids=lambda c: f"{c[0]}-T{c[1]}-D{c[2]}-r{c[4]}")
+def test_lowers_for_cuda_in_one_launch(case):
+    kernel, T, dim, widths, max_rank, vectors = case
     sds = jax.ShapeDtypeStruct
     weights = abstract_weights(dim, widths, max_rank, vectors)
-    fn = jax.jit(lambda x, y, w, b: lora_apply(x, y, w, b, blocks=LoraBlocks(fused_tokens=True),
-                                               interpret=False))
-    text = fn.trace(sds((T, dim), jnp.bfloat16), sds((T, sum(widths)), jnp.bfloat16), weights,
-                    LoraBatch(token_slots=sds((T,), jnp.int32))).lower(
-        lowering_platforms=("cuda",)).as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 1
+    if kernel == "fused":   # second operand: the base output y, or the base weight w
+        fn = lambda x, y, wts, b: lora_apply(  # noqa: E731
+            x, y, wts, b, blocks=LoraBlocks(fused_tokens=True), interpret=False)
+        second = sds((T, sum(widths)), jnp.bfloat16)
+    else:
+        fn = lambda x, w, wts, b: lora_project(  # noqa: E731
+            x, w, wts, b, blocks=LoraBlocks(gemm=True), interpret=False)
+        second = sds((dim, sum(widths)), jnp.bfloat16)
+    text = jax.jit(fn).trace(sds((T, dim), jnp.bfloat16), second, weights, LoraBatch(
+        token_slots=sds((T,), jnp.int32))).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == {"fused": 1, "gemm": 2}[kernel]

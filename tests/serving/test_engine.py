@@ -240,11 +240,13 @@ def test_a_failing_request_ends_alone(model, engine):
     assert eng.pages.num_free == eng.pages.capacity
 
 
-def test_fused_lora_kernel_in_the_engine_matches_xla_generation_alone():
+@pytest.mark.parametrize("lora_kernel", ["fused", "gemm"])
+def test_lora_kernel_choice_in_the_engine_matches_xla_generation_alone(lora_kernel):
     """The engine on the Pallas kernels (interpret mode here) with shrink and expand fused
-    in one launch, on LoRA, DoRA and Tied-LoRA with base-model rows in the same steps: the
-    tokens of the offline XLA generator run alone. (tests/serving/test_engine_gpu.py runs
-    both kernel choices compiled on the GPU.)"""
+    in one launch, or the base matmul in Pallas adding the adapters' term, on LoRA, DoRA and
+    Tied-LoRA with base-model rows in the same steps: the tokens of the offline XLA
+    generator run alone. (tests/serving/test_engine_gpu.py runs every kernel choice compiled
+    on the GPU.)"""
     from tests.serving.test_sharding import make_model
     model = make_model()
     rng = np.random.default_rng(3)
@@ -256,15 +258,16 @@ def test_fused_lora_kernel_in_the_engine_matches_xla_generation_alone():
     engine = Engine(model, EngineConfig(max_seqs=4, page_size=16, num_pages=14,
                                         prefill_budget=32, decode_buckets=(0, 4),
                                         prefill_buckets=(0, 32), impl="pallas",
-                                        lora_kernel="fused"))
-    assert engine.lora_blocks.fused_tokens
+                                        lora_kernel=lora_kernel))
+    assert (engine.lora_blocks.fused_tokens, engine.lora_blocks.gemm) == \
+        (lora_kernel == "fused", lora_kernel == "gemm")
     for p, sp, a, got in zip(prompts, params, adapters,
                              engine.generate(prompts, params, adapters)):
         ref = generate(model, [p], sp, chat=False, impl="xla", adapters=[a])[0]
         assert got.token_ids == ref.token_ids
         np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-4)
     with pytest.raises(ValueError, match=r"lora_kernel='bgmv' is not one of \('split', "
-                                         r"'fused'\)"):
+                                         r"'fused', 'gemm'\)"):
         Engine(model, EngineConfig(max_seqs=4, num_pages=14, lora_kernel="bgmv"))
     with pytest.raises(ValueError, match=r"lora_blocks must be a LoraBlocks, got "
                                          r"\{'block_n': 128\}"):

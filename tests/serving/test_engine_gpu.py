@@ -11,7 +11,7 @@ from tests.serving.test_sharding import make_model
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("lora_kernel", ["split", "fused"])
+@pytest.mark.parametrize("lora_kernel", ["split", "fused", "gemm"])
 def test_pallas_engine_matches_xla_generation_alone(lora_kernel):
     model = make_model()
     rng = np.random.default_rng(0)
