@@ -305,7 +305,7 @@ def bench_apply(group: str, h: int, case: str, T: int, r: int, ceiling: float,
     return out
 
 
-GEMMS = {  # --project: Pallas matmul tilings (the base matmul with LoRA in its epilogue)
+GEMMS = {  # --project: Pallas matmul tilings (the base matmul and LoRA in one launch)
     "g64": LoraBlocks(gemm=True),
     "g128": LoraBlocks(gemm=True, gemm_block_n=128),
     "g64k256": LoraBlocks(gemm=True, gemm_block_k=256, gemm_stages=3),
@@ -321,7 +321,7 @@ def bench_project(group: str, h: int, case: str, T: int, r: int, ceiling: float,
                   gemms: list[str], pgemm: bool = True) -> dict:
     """One projection group of the decode step, base matmul included: XLA's matmul alone
     (`base`), the Pallas matmul alone (`pgemm:<tiling>`), XLA's matmul + the split kernels
-    (`split`, today's step) and the shrink + Pallas matmul with the expand in its epilogue
+    (`split`, today's step) and the shrink + the Pallas matmul computing the expand too
     (`gemm:<tiling>`). 8 ops per loop iteration, each on its own adapter slots and its own
     copy of the base weight (together past L2). Microseconds per op, bytes floor beside."""
     D, widths = groups(h)[group]
@@ -393,7 +393,7 @@ def main():
     ap.add_argument("--apply-cases", nargs="+", default=["distinct", "identical"])
     ap.add_argument("--project", type=int, nargs="*", default=[],
                     help="T values: llama2-7b's groups with their base matmul, XLA + split "
-                         "kernels vs the Pallas matmul with LoRA in its epilogue")
+                         "kernels vs the Pallas matmul computing LoRA in the same launch")
     ap.add_argument("--gemms", nargs="+", default=["g64"], choices=list(GEMMS),
                     help="--project: Pallas matmul tilings")
     ap.add_argument("--pgemm", action="store_true",

@@ -59,7 +59,7 @@ class LoraContext(NamedTuple):
 
     def project(self, x: jax.Array, w: jax.Array, layer: int, group: str, impl: str):
         """x [T, in] @ w of projection group `group` at `layer`, plus the adapters' term
-        (with `blocks.gemm`, the Pallas matmul adds it in its epilogue)."""
+        (with `blocks.gemm`, a Pallas matmul computes both in one launch)."""
         return lora_project(x, w, self.bank.weights(layer, group), self.batch, impl=impl,
                             blocks=self.blocks)
 

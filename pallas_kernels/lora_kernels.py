@@ -227,7 +227,7 @@ def fused_tokens_kernel(slot_ref, a_start_ref, b_start_ref, rank_ref, scale_ref,
             lax.fori_loop(nb0, nb1, n_step, 0)
 
 
-# the base projection with the expand in its epilogue, per token
+# the base projection and the adapters' term in one launch, per token
 
 def gemm_tokens_kernel(slot_ref, b_start_ref, rank_ref, scale_ref, x_ref, w_ref, v_ref, *rest,
                        M, layer, block_t, block_k, block_n, block_l, n_splits, first_block,

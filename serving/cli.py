@@ -63,7 +63,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--lora-kernel", choices=("split", "fused", "gemm"), default="split",
                    help="Pallas LoRA kernels on the GPU: shrink then expand; both in one "
                         "launch (ranks <= 64); or shrink, then the base matmul in Pallas "
-                        "with the expand in its epilogue (decode steps)")
+                        "computing the expand in the same launch (steps of <= 64 tokens)")
     p.add_argument("--max-seqs", type=int, default=None,
                    help="sequences decoded at once (default: 64 on a GPU, 8 on the CPU)")
     p.add_argument("--max-seq-len", type=int, default=None,

@@ -72,7 +72,7 @@ class EngineConfig:
     lora_kernel: str = "split"    # Pallas LoRA on the step's tokens: "split" (shrink, then
                                   # expand), "fused" (both in one launch; ranks <= 64) or
                                   # "gemm" (shrink, then the base matmul in Pallas with the
-                                  # expand in its epilogue; steps of <= 64 tokens)
+                                  # expand in the same launch; steps of <= 64 tokens)
     lora_blocks: LoraBlocks = LoraBlocks()  # the Pallas LoRA kernels' tiling (per GPU tuning)
     tp: int = 1                   # devices the model is split over (serving/sharding.py)
     # Adapters: GPU slots in the bank (0: the bank the model was given by load_adapter, if
