@@ -86,7 +86,7 @@ def place_running(engine: Engine, slots: list[int], context: int) -> None:
 
 def bench_decode(model: Model, kind: str, batch: int, context: int, steps: int,
                  ceiling: float, impl: str, tp: int = 1, devices=None,
-                 lora_kernel: str = "split", profile_dir: str | None = None,
+                 lora_kernel: str = "gemm", profile_dir: str | None = None,
                  lora_blocks: LoraBlocks = LoraBlocks()) -> dict:
     slots = workload_slots(kind, batch)
     c = model.config
@@ -181,13 +181,17 @@ def blocks_label(blocks: LoraBlocks) -> str:
 
 
 def parse_blocks(spec: str) -> LoraBlocks:
-    """A LoraBlocks from "k=v,k=v" (integers), or "default"."""
+    """A LoraBlocks from "k=v,k=v" (integers; gemm_groups as names joined by +, e.g.
+    gemm_groups=qkv+o+gate_up+down), or "default"."""
     if spec == "default":
         return LoraBlocks()
     fields = {f.name for f in dataclasses.fields(LoraBlocks)}
     values = {}
     for item in spec.split(","):
         key, _, value = item.partition("=")
+        if key == "gemm_groups" and value:
+            values[key] = tuple(value.split("+"))
+            continue
         if key not in fields or not value.isdigit():
             raise ValueError(f"--lora-blocks {spec!r}: {item!r} is not field=integer with a "
                              f"field of {sorted(fields)}")
@@ -306,7 +310,7 @@ def main():
     ap.add_argument("--lora-blocks", nargs="+", default=["default"], metavar="K=V,...",
                     help="Pallas LoRA tilings to time each adapter workload with, each "
                          "LoraBlocks fields as k=v,k=v (e.g. block_n=128,target_programs=2048)")
-    ap.add_argument("--lora-kernel", nargs="+", default=["split"], choices=LORA_KERNELS,
+    ap.add_argument("--lora-kernel", nargs="+", default=["gemm"], choices=LORA_KERNELS,
                     help="Pallas LoRA kernels to time each adapter workload with")
     args = ap.parse_args()
 
@@ -331,7 +335,7 @@ def main():
         tilings = [parse_blocks(spec) for spec in args.lora_blocks]
         points = [(b, kind, lk, lb) for b in args.batch for lb in tilings
                   for kind in args.workloads if kind != "base" or lb == tilings[0]
-                  for lk in (["split"] if kind == "base" else args.lora_kernel)]
+                  for lk in (args.lora_kernel[:1] if kind == "base" else args.lora_kernel)]
         for b, kind, lora_kernel, lora_blocks in points:
             model = with_bank(params, cfg, None if kind == "base" else bank)
             r = bench_decode(model, kind, b, args.context, args.steps, ceiling, impl,

@@ -14,11 +14,12 @@
 #   bash benchmarks/gpu_pending.sh profile              # nvidia-h200 (~1 min; done 2026-12-02)
 #   bash benchmarks/gpu_pending.sh sweep                # nvidia-h200 (~6 min; done 2026-12-02)
 #   bash benchmarks/gpu_pending.sh gemm-kernel          # nvidia-h200 (~4 min; done 2026-12-02)
-#   bash benchmarks/gpu_pending.sh gemm-engine          # nvidia-h200 (~6 min)
+#   bash benchmarks/gpu_pending.sh gemm-engine          # nvidia-h200 (~6 min; done 2026-12-02)
+#   bash benchmarks/gpu_pending.sh gemm-default         # nvidia-h200 (~9 min; done 2026-12-02)
 #
-# Still owed (2026-12-02): gemm-engine (issue 5: the step with lora_kernel="gemm"; the
-# session's GPU time ran out) and tp (issue 5, two GPUs; that kind was not lent). The trace
-# (profile) and the sweep with the glue-free LoRA kernels are in RESULTS.md.
+# Still owed (2026-12-02): tp (issue 5, two GPUs; that kind was not lent), and a sweep
+# (batches 1-256) with the gemm default. The trace (profile), the sweep with the glue-free
+# LoRA kernels and the gemm path in the step are in RESULTS.md.
 # Each section writes its full log to $OUT/<section>.log (the device tool returns $OUT) and
 # prints its last lines; a section that fails or times out does not stop the others.
 set -uo pipefail
@@ -88,6 +89,19 @@ for section in "$@"; do
     gemm-engine)   # issue 5, acceptance 4: the batch-32 step with the gemm LoRA kernel
         run engine-gemm 400 $py -m benchmarks.bench_engine --batch 32 \
             --workloads base distinct identical --lora-kernel split gemm --steps 30 ;;
+    gemm-default)  # issue 5: the gemm path on q/k/v and down only (the default) against the
+                   # split pair and against every group on the gemm path, batches 1-64, and
+                   # the engine's GPU test with it
+        run engine-gemm-test 240 env JAX_PLATFORMS=cuda $py -m pytest -q -rs -m gpu \
+            tests/serving/test_engine_gpu.py -k gemm
+        run engine-gemm-groups 345 $py -m benchmarks.bench_engine --batch 32 \
+            --workloads base distinct identical --lora-kernel split gemm \
+            --lora-blocks default gemm_groups=qkv+o+gate_up+down --steps 30
+        run engine-gemm-small 400 $py -m benchmarks.bench_engine --batch 8 1 \
+            --workloads distinct identical --lora-kernel split gemm --steps 30
+        run engine-gemm-64 250 $py -m benchmarks.bench_engine --batch 64 \
+            --workloads distinct identical --lora-kernel split gemm --steps 20 \
+            --lora-blocks gemm_max_tokens=64 ;;   # 64 tokens take the split pair by default
     sweep)     # issue 5, acceptance 3: the decode sweep by batch and adapter mix
         run engine-sweep 560 $py -m benchmarks.bench_engine --batch 1 8 32 64 128 256 \
             --steps 30 ;;
@@ -96,6 +110,6 @@ for section in "$@"; do
         run tp-compare 280 $py -m benchmarks.bench_engine --batch --tp-compare 2 ;;
     *)
         echo "unknown section $section (tests kernels fused-kernel fused-engine adapters train" \
-             "server remat graphs profile sweep tp)" >&2 ;;
+             "server remat graphs profile gemm-kernel gemm-engine gemm-default sweep tp)" >&2 ;;
     esac
 done

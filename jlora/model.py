@@ -24,6 +24,7 @@ This module does not sample, tokenize, batch requests or read files.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -59,9 +60,13 @@ class LoraContext(NamedTuple):
 
     def project(self, x: jax.Array, w: jax.Array, layer: int, group: str, impl: str):
         """x [T, in] @ w of projection group `group` at `layer`, plus the adapters' term
-        (with `blocks.gemm`, a Pallas matmul computes both in one launch)."""
+        (with `blocks.gemm`, for the groups in `blocks.gemm_groups`, a Pallas matmul
+        computes both in one launch)."""
+        blocks = self.blocks
+        if blocks.gemm and group not in blocks.gemm_groups:
+            blocks = dataclasses.replace(blocks, gemm=False)
         return lora_project(x, w, self.bank.weights(layer, group), self.batch, impl=impl,
-                            blocks=self.blocks)
+                            blocks=blocks)
 
 
 def project(x: jax.Array, w: jax.Array, lora: LoraContext | None, layer: int, group: str,

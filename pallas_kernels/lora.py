@@ -132,8 +132,9 @@ class LoraBlocks:
     fused_programs: int = 256    # the fused kernel splits each module's columns into chunks
     max_chunks: int = 8          # until about this many programs run, into at most max_chunks
     gemm: bool = False           # per-token batches: the base matmul in a Pallas kernel that
-    gemm_max_tokens: int = 64    # computes the expand in the same launch (`lora_project`), for
-    gemm_block_t: int = 32       # steps of up to this many tokens (larger: cuBLAS, then split)
+    gemm_max_tokens: int = 32    # computes the expand in the same launch (`lora_project`), for
+    gemm_block_t: int = 32       # steps of up to this many tokens (larger: XLA, then split;
+                                 # on an H200 the gemm path is 2% slower at 64 tokens)
     gemm_block_n: int = 64
     gemm_block_k: int = 128
     gemm_block_l: int = 128      # (token, rank row) pairs per step of the term's loop
@@ -141,6 +142,10 @@ class LoraBlocks:
     gemm_max_splits: int = 4     # ...into at most this many float32 partial outputs
     gemm_warps: int = 4
     gemm_stages: int = 4
+    # the projection groups (a bank's names) that take the gemm path when gemm is on; the
+    # others keep XLA's matmul and the split kernels. On an H200 at batch 32 the gemm path
+    # gains on q/k/v and down and loses on o and gate_up (benchmarks/RESULTS.md, issue 5)
+    gemm_groups: tuple[str, ...] = ("qkv", "down")
 
 
 def v_width(max_rank: int, blocks: LoraBlocks = LoraBlocks()) -> int:

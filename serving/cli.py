@@ -60,10 +60,11 @@ def add_parsers(sub) -> None:
                    help="host memory for adapters not on the device (LRU by bytes)")
     p.add_argument("--policy", choices=("vtc", "fcfs"), default="vtc",
                    help="admission order: fair per tenant (VTC, default) or first come")
-    p.add_argument("--lora-kernel", choices=("split", "fused", "gemm"), default="split",
+    p.add_argument("--lora-kernel", choices=("split", "fused", "gemm"), default="gemm",
                    help="Pallas LoRA kernels on the GPU: shrink then expand; both in one "
-                        "launch (ranks <= 64); or shrink, then the base matmul in Pallas "
-                        "computing the expand in the same launch (steps of <= 64 tokens)")
+                        "launch (ranks <= 64); or (default) shrink, then the base matmul in "
+                        "Pallas computing the expand in the same launch, on q/k/v and down, "
+                        "for steps of <= 32 tokens (the others: shrink then expand)")
     p.add_argument("--max-seqs", type=int, default=None,
                    help="sequences decoded at once (default: 64 on a GPU, 8 on the CPU)")
     p.add_argument("--max-seq-len", type=int, default=None,

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.adapters import GROUPS
 from jlora.generate import Prompt, encode_prompt
 from jlora.loader import Model
 from jlora.paged import init_pages
@@ -69,10 +70,12 @@ class EngineConfig:
     decode_buckets: tuple[int, ...] = ()   # (): 0, 1, 4, 16, ... and max_seqs
     prefill_buckets: tuple[int, ...] = ()  # (): 0, Q, 4Q, 16Q, ... and the budget
     impl: str | None = None       # "pallas" or "xla"; None: Pallas on a GPU
-    lora_kernel: str = "split"    # Pallas LoRA on the step's tokens: "split" (shrink, then
+    lora_kernel: str = "gemm"     # Pallas LoRA on the step's tokens: "split" (shrink, then
                                   # expand), "fused" (both in one launch; ranks <= 64) or
                                   # "gemm" (shrink, then the base matmul in Pallas with the
-                                  # expand in the same launch; steps of <= 64 tokens)
+                                  # expand in the same launch, on lora_blocks.gemm_groups:
+                                  # q/k/v and down; steps of <= 32 tokens, larger ones and
+                                  # prefill take "split")
     lora_blocks: LoraBlocks = LoraBlocks()  # the Pallas LoRA kernels' tiling (per GPU tuning)
     tp: int = 1                   # devices the model is split over (serving/sharding.py)
     # Adapters: GPU slots in the bank (0: the bank the model was given by load_adapter, if
@@ -138,6 +141,10 @@ class Engine:
                              f"{HOST_MEMORY}")
         if not isinstance(config.lora_blocks, LoraBlocks):
             raise ValueError(f"lora_blocks must be a LoraBlocks, got {config.lora_blocks!r}")
+        unknown = set(config.lora_blocks.gemm_groups) - set(GROUPS)
+        if unknown:
+            raise ValueError(f"lora_blocks.gemm_groups names {sorted(unknown)}; the projection "
+                             f"groups are {tuple(GROUPS)}")
         self.lora_blocks = replace(config.lora_blocks, fused_tokens=config.lora_kernel == "fused",
                                    gemm=config.lora_kernel == "gemm")
         if self.lora_blocks.fused_tokens and self.bank is not None and \

@@ -5,12 +5,16 @@ compiled Triton kernels. Adapters are random everywhere (B included), ranks mixe
 batch carries slot-0 tokens unless a test says otherwise.
 """
 
+from dataclasses import replace
+from types import SimpleNamespace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jlora.lora import SlotAdapter, pack_lora_weights
+from jlora.model import LoraContext
 from pallas_kernels.lora import (POOL_SLACK_ROWS, LoraBatch, LoraBlocks, LoraWeights,
                                  lora_apply, lora_expand, lora_fused_tokens, lora_gemm_tokens,
                                  lora_project, lora_shrink)
@@ -450,8 +454,8 @@ def test_apply_takes_the_fused_kernel_only_where_it_fits():
 # the base matmul in Pallas with the adapters' term in the same launch (lora_project with
 # blocks.gemm)
 
-GEMM = LoraBlocks(gemm=True, gemm_block_t=16, gemm_block_n=32, gemm_block_k=16,
-                  gemm_programs=64)
+GEMM = LoraBlocks(gemm=True, gemm_max_tokens=64, gemm_block_t=16, gemm_block_n=32,
+                  gemm_block_k=16, gemm_programs=64)
 
 
 def base_weight(rng, dtype, widths=WIDTHS, dim=D):
@@ -539,6 +543,24 @@ def test_project_takes_the_gemm_kernel_only_for_small_token_batches():
             == want, (T, blocks)
 
 
+def test_the_model_takes_the_gemm_path_only_for_its_gemm_groups():
+    """LoraContext.project with blocks.gemm: the groups in blocks.gemm_groups get the
+    shrink + Pallas matmul; the others XLA's matmul + the split kernels; the same sums."""
+    rng = np.random.default_rng(34)
+    weights = random_weights(rng, MIXED)
+    w, x = base_weight(rng, jnp.float32), jnp.asarray(rng.normal(size=(8, D)), jnp.float32)
+    batch = LoraBatch(token_slots=jnp.asarray(rng.integers(0, len(MIXED), 8), jnp.int32))
+    lora = LoraContext(SimpleNamespace(weights=lambda layer, group: weights), batch,
+                       replace(GEMM, gemm_groups=("qkv",)))
+    outs = {}
+    for group, want in [("qkv", ["shrink_tokens_kernel", "gemm_tokens_kernel"]),
+                        ("o", ["shrink_tokens_kernel", "expand_tokens_kernel"])]:
+        fn = lambda x: lora.project(x, w, 0, group, "pallas")  # noqa: E731
+        assert kernels_of(fn, x) == want, group
+        outs[group] = fn(x)
+    np.testing.assert_allclose(outs["qkv"], outs["o"], rtol=2e-5, atol=2e-5)
+
+
 def test_gemm_refuses_mismatched_shapes():
     rng = np.random.default_rng(34)
     weights = random_weights(rng, MIXED)
@@ -585,7 +607,7 @@ def test_lowers_for_cuda_in_one_launch(case):
         second = sds((T, sum(widths)), jnp.bfloat16)
     else:
         fn = lambda x, w, wts, b: lora_project(  # noqa: E731
-            x, w, wts, b, blocks=LoraBlocks(gemm=True), interpret=False)
+            x, w, wts, b, blocks=LoraBlocks(gemm=True, gemm_max_tokens=64), interpret=False)
         second = sds((dim, sum(widths)), jnp.bfloat16)
     text = jax.jit(fn).trace(sds((T, dim), jnp.bfloat16), second, weights, LoraBatch(
         token_slots=sds((T,), jnp.int32))).lower(lowering_platforms=("cuda",)).as_text()

@@ -19,6 +19,7 @@ from jlora.loader import Model, embedded_model_path, load_adapter
 from jlora.model import init_params
 from jlora.sampling import SamplingParams
 from jlora.tokenizer import Tokenizer
+from pallas_kernels.lora import LoraBlocks
 from serving.engine import Engine, EngineConfig, QueueFull
 from tests.helpers import random_lora_adapter, random_tied_adapter
 
@@ -240,11 +241,11 @@ def test_a_failing_request_ends_alone(model, engine):
     assert eng.pages.num_free == eng.pages.capacity
 
 
-@pytest.mark.parametrize("lora_kernel", ["fused", "gemm"])
+@pytest.mark.parametrize("lora_kernel", ["split", "fused", "gemm"])
 def test_lora_kernel_choice_in_the_engine_matches_xla_generation_alone(lora_kernel):
-    """The engine on the Pallas kernels (interpret mode here) with shrink and expand fused
-    in one launch, or the base matmul in Pallas adding the adapters' term, on LoRA, DoRA and
-    Tied-LoRA with base-model rows in the same steps: the tokens of the offline XLA
+    """The engine on the Pallas kernels (interpret mode here) with shrink and expand apart or
+    fused in one launch, or the base matmul in Pallas adding the adapters' term, on LoRA,
+    DoRA and Tied-LoRA with base-model rows in the same steps: the tokens of the offline XLA
     generator run alone. (tests/serving/test_engine_gpu.py runs every kernel choice compiled
     on the GPU.)"""
     from tests.serving.test_sharding import make_model
@@ -272,6 +273,11 @@ def test_lora_kernel_choice_in_the_engine_matches_xla_generation_alone(lora_kern
     with pytest.raises(ValueError, match=r"lora_blocks must be a LoraBlocks, got "
                                          r"\{'block_n': 128\}"):
         Engine(model, EngineConfig(max_seqs=4, num_pages=14, lora_blocks={"block_n": 128}))
+    with pytest.raises(ValueError, match=r"lora_blocks.gemm_groups names \['qkvo'\]; the "
+                                         r"projection groups are \('qkv', 'o', 'gate_up', "
+                                         r"'down'\)"):
+        Engine(model, EngineConfig(max_seqs=4, num_pages=14,
+                                   lora_blocks=LoraBlocks(gemm_groups=("qkv", "qkvo"))))
     wide = Model(model.config, model.params, None, "tiny-gqa")
     with pytest.raises(ValueError, match=r"lora_kernel='fused' serves ranks up to 64; this "
                                          r"bank's slots hold rank 128 \(lower max_lora_rank"):

@@ -1,5 +1,7 @@
 """Tensor parallelism on 4 host CPU devices: sharded outputs equal single-device outputs."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,6 +68,24 @@ def test_sharded_engine_matches_one_device(tp):
         CFG.n_kv_heads // tp
     many = sharded_engine.generate(prompts, params, adapters)
     for a, b in zip(one, many):
+        assert a.token_ids == b.token_ids
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
+def test_sharded_engine_on_the_pallas_kernels_matches_one_device():
+    """tp=2 on the Pallas kernels (interpret mode here), with the default LoRA kernel choice
+    (the gemm path on q/k/v and down, the split pair on o and gate_up and in prefill), inside
+    the shard_map: each shard's adapters' term rides on its partial sums. The tokens of one
+    device on XLA."""
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(3, 512, rng.integers(1, 12)).tolist() for _ in range(4)]
+    params = [SamplingParams(max_tokens=3, ignore_eos=True, temperature=float(t), seed=i)
+              for i, t in enumerate([0, 0.9, 0, 0.9])]
+    adapters = [None, "lora", "dora", "tied"]
+    one = Engine(make_model(), CONFIG).generate(prompts, params, adapters)
+    config = dataclasses.replace(CONFIG, tp=2, impl="pallas")
+    assert config.lora_kernel == "gemm"
+    for a, b in zip(one, Engine(make_model(), config).generate(prompts, params, adapters)):
         assert a.token_ids == b.token_ids
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
 
