@@ -86,7 +86,7 @@ def place_running(engine: Engine, slots: list[int], context: int) -> None:
 
 def bench_decode(model: Model, kind: str, batch: int, context: int, steps: int,
                  ceiling: float, impl: str, tp: int = 1, devices=None,
-                 lora_kernel: str = "gemm", profile_dir: str | None = None,
+                 lora_kernel: str = EngineConfig.lora_kernel, profile_dir: str | None = None,
                  lora_blocks: LoraBlocks = LoraBlocks()) -> dict:
     slots = workload_slots(kind, batch)
     c = model.config
@@ -310,7 +310,8 @@ def main():
     ap.add_argument("--lora-blocks", nargs="+", default=["default"], metavar="K=V,...",
                     help="Pallas LoRA tilings to time each adapter workload with, each "
                          "LoraBlocks fields as k=v,k=v (e.g. block_n=128,target_programs=2048)")
-    ap.add_argument("--lora-kernel", nargs="+", default=["gemm"], choices=LORA_KERNELS,
+    ap.add_argument("--lora-kernel", nargs="+", default=[EngineConfig.lora_kernel],
+                    choices=LORA_KERNELS,
                     help="Pallas LoRA kernels to time each adapter workload with")
     args = ap.parse_args()
 

@@ -56,3 +56,16 @@ def test_unknown_model(capsys):
 def test_nothing_to_generate(capsys):
     assert main(["generate", "--model", "tiny"]) == 2
     assert "give a PROMPT or --requests" in capsys.readouterr().err
+
+
+def test_serve_lora_kernel_option_follows_the_engine():
+    """`jlora serve --lora-kernel` keeps its own copy of the choices and default (building
+    the parser imports no jax); they must stay the engine's."""
+    from jlora.cli import build_parser
+    from serving.engine import LORA_KERNELS, EngineConfig
+    args = build_parser().parse_args(["serve"])
+    assert args.lora_kernel == EngineConfig.lora_kernel
+    for kernel in LORA_KERNELS:
+        assert build_parser().parse_args(["serve", "--lora-kernel", kernel]).lora_kernel == kernel
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--lora-kernel", "bgmv"])
