@@ -9,11 +9,15 @@ loop lengths; the median over repeats of the per-call difference. The dense base
 Bytes counted: K and V of the attended positions, q and the output.
 
     python -m benchmarks.bench_paged_attention --batch 1 8 32 64 128 256 --context 512 2048
+
+The Pallas kernel's tiling is swept with --block-s, --num-warps and --num-stages (every
+combination of the values given).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 import jax
@@ -64,9 +68,10 @@ def time_case(B: int, S: int, H: int, G: int, E: int, args) -> dict[str, float]:
     for Z in args.page_size if {"pallas", "xla"} & set(args.variants) else []:
         pools, q, meta = paged_inputs(B, G, H, S, E, Z, n_buf, seed=B + S + Z)
         if "pallas" in args.variants:
-            for bs in args.block_s:
-                times[f"pallas-z{Z}-bs{bs}"] = per_call_seconds(
-                    _pallas(PagedAttentionBlocks(block_s=bs)), pools, q, meta, args.reps)
+            for bs, nw, ns in itertools.product(args.block_s, args.num_warps, args.num_stages):
+                blocks = PagedAttentionBlocks(block_s=bs, num_warps=nw, num_stages=ns)
+                times[f"pallas-z{Z}-bs{bs}-w{nw}-s{ns}"] = per_call_seconds(
+                    _pallas(blocks), pools, q, meta, args.reps)
         if "xla" in args.variants:
             times[f"xla-z{Z}"] = per_call_seconds(_xla, pools, q, meta, args.reps)
         del pools
@@ -86,6 +91,9 @@ def main():
     ap.add_argument("--page-size", type=int, nargs="+", default=[16, 32])
     ap.add_argument("--block-s", type=int, nargs="+", default=[64],
                     help="the Pallas kernel's cache positions per loop step")
+    ap.add_argument("--num-warps", type=int, nargs="+", default=[PagedAttentionBlocks.num_warps])
+    ap.add_argument("--num-stages", type=int, nargs="+",
+                    default=[PagedAttentionBlocks.num_stages])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args()
@@ -107,7 +115,7 @@ def main():
                    "floor_us": floor_us, "gbps": nbytes / t / 1e9,
                    "pct": 100 * nbytes / t / ceiling}
             rows.append(row)
-            print(f"B={B:3d} S={S:5d} {name:16s} {row['us']:9.1f} us  floor {floor_us:8.1f} us"
+            print(f"B={B:3d} S={S:5d} {name:24s} {row['us']:9.1f} us  floor {floor_us:8.1f} us"
                   f"  {row['gbps']:6.0f} GB/s = {row['pct']:5.1f}% of ceiling", flush=True)
     print(json.dumps({"bench": "paged_attention", "device": device, "jax": jax.__version__,
                       "shape": cfg.name, "ceiling_gbps": ceiling / 1e9, "results": rows}))
