@@ -9,7 +9,8 @@ K/V through page tables.
 
 Cache position p of a sequence lives in page table[p // Z], offset p % Z; a token's K/V goes
 to flat slot page * Z + offset of its layer's [G, P * Z, E] view (a slot >= P * Z is a
-padding token's, dropped). The host side (page allocation) is `serving.kv_cache`; this
+padding token's, dropped); with impl="pallas" one kernel writes K and V in place
+(`pallas_kernels.page_write`). The host side (page allocation) is `serving.kv_cache`; this
 module only computes.
 """
 
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 
 from jlora.config import ModelConfig
 from jlora.model import LoraContext, Params, run_layers
+from pallas_kernels.page_write import write_pages
 from pallas_kernels.paged_attention import paged_attention
 
 
@@ -72,19 +74,10 @@ def init_pages(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> Paged
     return PagedKV(zeros(), zeros())
 
 
-def write_pages(pages: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
-    """pages [G, P, Z, E] with new [T, G, E] written at flat slots [T] (out of range: dropped)."""
-    G, P, Z, E = pages.shape
-    flat = pages.reshape(G, P * Z, E)
-    flat = flat.at[:, slots, :].set(new.transpose(1, 0, 2).astype(pages.dtype), mode="drop")
-    return flat.reshape(G, P, Z, E)
-
-
 def attend_paged(q: jax.Array, k: jax.Array, v: jax.Array, kv: tuple, batch: PagedBatch,
                  impl: str) -> tuple[jax.Array, tuple]:
     """Write k, v [1, T, G, E] into one layer's pages and attend q [1, T, H, E] through them."""
-    k_pages = write_pages(kv[0], k[0], batch.write_slots)
-    v_pages = write_pages(kv[1], v[0], batch.write_slots)
+    k_pages, v_pages = write_pages(kv[0], kv[1], k[0], v[0], batch.write_slots, impl=impl)
     _, T, H, E = q.shape
     Bd = batch.decode_positions.shape[0]
     NQ, Q = batch.prefill_positions.shape

@@ -22,7 +22,7 @@ Split results are unnormalized and combined in XLA afterwards. As in `decode_att
 rows are replicated in registers to at least 16 so both products run on the tensor cores.
 
 The XLA version (`paged_attention_reference`) is the CPU path. This module only reads pages:
-the model's step writes them (`jlora.paged`), the host allocates them (`serving.kv_cache`).
+the model's step writes them (`page_write`, called by `jlora.paged`), the host allocates them (`serving.kv_cache`).
 """
 
 from __future__ import annotations
