@@ -16,6 +16,7 @@
 #   bash benchmarks/gpu_pending.sh gemm-kernel          # nvidia-h200 (~4 min; done 2026-12-02)
 #   bash benchmarks/gpu_pending.sh gemm-engine          # nvidia-h200 (~6 min; done 2026-12-02)
 #   bash benchmarks/gpu_pending.sh gemm-default         # nvidia-h200 (~9 min; done 2026-12-02)
+#   bash benchmarks/gpu_pending.sh page-write           # nvidia-h200 (~6 min; done 2026-12-04)
 #
 # Still owed (2026-12-02): tp (issue 5, two GPUs; that kind was not lent), and a sweep
 # (batches 1-256) with the gemm default. The trace (profile), the sweep with the glue-free
@@ -102,6 +103,11 @@ for section in "$@"; do
         run engine-gemm-64 250 $py -m benchmarks.bench_engine --batch 64 \
             --workloads distinct identical --lora-kernel split gemm --steps 20 \
             --lora-blocks gemm_max_tokens=64 ;;   # 64 tokens take the split pair by default
+    page-write)  # issue 5: K and V written by one kernel (the step's trace shows it), and
+                 # the gpu-marked tests with it
+        run engine-page-write 150 $py -m benchmarks.bench_engine --batch 32 \
+            --workloads base distinct --steps 30 --profile "$out/prof"
+        run gpu-tests-all 400 env JAX_PLATFORMS=cuda $py -m pytest -q -rs -m gpu tests ;;
     sweep)     # issue 5, acceptance 3: the decode sweep by batch and adapter mix
         run engine-sweep 560 $py -m benchmarks.bench_engine --batch 1 8 32 64 128 256 \
             --steps 30 ;;
@@ -110,6 +116,6 @@ for section in "$@"; do
         run tp-compare 280 $py -m benchmarks.bench_engine --batch --tp-compare 2 ;;
     *)
         echo "unknown section $section (tests kernels fused-kernel fused-engine adapters train" \
-             "server remat graphs profile gemm-kernel gemm-engine gemm-default sweep tp)" >&2 ;;
+             "server remat graphs profile gemm-kernel gemm-engine gemm-default page-write sweep tp)" >&2 ;;
     esac
 done
