@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.paged_attention import _is_pow2
+
 IMPLS = ("pallas", "xla")
 
 
@@ -66,8 +68,9 @@ def write_pages(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Arr
                          f"[T], got {k_pages.shape}, {v_pages.shape}, {k.shape}, {v.shape} "
                          f"and {slots.shape}")
     slots = slots.astype(jnp.int32)
-    if impl == "pallas" and not (E := k.shape[2]) & (E - 1) == 0:
-        raise ValueError(f"head dim E={E} must be a power of two for the Pallas kernel")
+    if impl == "pallas" and not _is_pow2(k.shape[2]):
+        raise ValueError(f"head dim E={k.shape[2]} must be a power of two for the Pallas "
+                         f"kernel")
     if impl == "xla":
         return write_pages_reference(k_pages, v_pages, k, v, slots)
     (G, P, Z, E), T = k_pages.shape, k.shape[0]
