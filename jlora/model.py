@@ -34,6 +34,7 @@ import numpy as np
 from jlora.config import ModelConfig
 from pallas_kernels.decode_attention import decode_attention
 from pallas_kernels.lora import LoraBatch, LoraBlocks, lora_project
+from pallas_kernels.rope import apply_rope
 
 Params = dict
 
@@ -175,14 +176,6 @@ def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
     return np.where(medium, blended, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate x [B, T, N, E] by its tokens' positions [B, T] (the rotate-half layout of HF)."""
-    angles = positions[:, :, None].astype(jnp.float32) * inv_freq      # [B, T, E/2]
-    cos, sin = jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]  # [B, T, 1, E/2]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
-
-
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
@@ -217,9 +210,33 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     return out.reshape(B, T, H * E)
 
 
-def attend_dense(q: jax.Array, k: jax.Array, v: jax.Array, kv: tuple, positions: jax.Array,
+class NewKV(NamedTuple):
+    """One layer's new keys and values as the q/k/v projection left them, for `attend` to
+    write into its cache: qkv [B, T, (H + 2G) * E] (columns as `fused_index` lays them out,
+    keys not yet rotated), the tokens' positions [B, T] and RoPE's inverse frequencies [E/2].
+    `split()` gives them as arrays; the paged cache's Pallas path instead hands qkv to the
+    page write kernel, which reads k and v from it and rotates k as it writes, so neither
+    is materialized on its own."""
+
+    qkv: jax.Array
+    positions: jax.Array
+    inv_freq: jax.Array
+    cfg: ModelConfig
+
+    def split(self) -> tuple[jax.Array, jax.Array]:
+        """k (rotated) and v, [B, T, G, E] each."""
+        B, T, _ = self.qkv.shape
+        H, G, E = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
+        _, k, v = split_fused(self.qkv, (H * E, G * E, G * E), self.cfg.tp)
+        k = apply_rope(k.reshape(B, T, G, E), self.positions, self.inv_freq)
+        return k, v.reshape(B, T, G, E)
+
+
+def attend_dense(q: jax.Array, new: NewKV, kv: tuple, positions: jax.Array,
                  impl: str) -> tuple[jax.Array, tuple]:
-    """Write k, v [B, T, G, E] into one layer's dense cache and attend q [B, T, H, E] to it."""
+    """Write the new keys and values into one layer's dense cache and attend q [B, T, H, E]
+    to it."""
+    k, v = new.split()
     k_cache, v_cache = kv
     k_cache = write_kv(k_cache, k.astype(k_cache.dtype), positions)
     v_cache = write_kv(v_cache, v.astype(v_cache.dtype), positions)
@@ -233,8 +250,9 @@ def attend_dense(q: jax.Array, k: jax.Array, v: jax.Array, kv: tuple, positions:
 def attention(layer: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array,
               inv_freq: jax.Array, attend, kv: tuple, impl: str,
               lora: LoraContext | None = None, index: int = 0, tp_axis: str | None = None):
-    """The attention block. `attend(q, k, v, kv) -> (out [B, T, H*E], kv)` writes this
-    layer's new keys and values into its cache `kv` and attends (dense or paged). Inside a
+    """The attention block. `attend(q, new, kv) -> (out [B, T, H*E], kv)` writes this
+    layer's new keys and values (`NewKV`) into its cache `kv` and attends (dense or paged),
+    with q already rotated. Inside a
     shard_map over `tp_axis`, the row-parallel output projection's partial sums are added up."""
     B, T, _ = x.shape
     H, G, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -242,10 +260,9 @@ def attention(layer: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array,
     qkv = project(h, layer["wqkv"], lora, index, "qkv", impl)          # [B, T, (H+2G)*E]
     if cfg.qkv_bias:
         qkv = qkv + layer["bqkv"]
-    q, k, v = split_fused(qkv, (H * E, G * E, G * E), cfg.tp)
+    q = split_fused(qkv, (H * E, G * E, G * E), cfg.tp)[0]
     q = apply_rope(q.reshape(B, T, H, E), positions, inv_freq)
-    k = apply_rope(k.reshape(B, T, G, E), positions, inv_freq)
-    out, kv = attend(q, k, v.reshape(B, T, G, E), kv)                  # [B, T, H*E]
+    out, kv = attend(q, NewKV(qkv, positions, inv_freq, cfg), kv)      # [B, T, H*E]
     out = project(out, layer["wo"], lora, index, "o", impl)
     return x + _sum_shards(out, tp_axis), kv
 
@@ -276,7 +293,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.
 
     Returns the final-normed hidden states [B, T, D] and the cache with the tokens' K/V added.
     """
-    attend = lambda q, k, v, kv: attend_dense(q, k, v, kv, positions, impl)  # noqa: E731
+    attend = lambda q, new, kv: attend_dense(q, new, kv, positions, impl)  # noqa: E731
     h, (ks, vs) = run_layers(params, cfg, tokens, positions, attend,
                              (cache.k, cache.v), impl, lora)
     return h, KVCache(ks, vs)

@@ -9,8 +9,8 @@ K/V through page tables.
 
 Cache position p of a sequence lives in page table[p // Z], offset p % Z; a token's K/V goes
 to flat slot page * Z + offset of its layer's [G, P * Z, E] view (a slot >= P * Z is a
-padding token's, dropped); with impl="pallas" one kernel writes K and V in place
-(`pallas_kernels.page_write`). The host side (page allocation) is `serving.kv_cache`; this
+padding token's, dropped); with impl="pallas" one kernel reads K and V from the q/k/v
+projection's output, rotates K and writes both in place (`pallas_kernels.page_write`). The host side (page allocation) is `serving.kv_cache`; this
 module only computes.
 """
 
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora.config import ModelConfig
-from jlora.model import LoraContext, Params, run_layers
+from jlora.model import LoraContext, NewKV, Params, run_layers
 from pallas_kernels.page_write import write_pages
 from pallas_kernels.paged_attention import paged_attention
 
@@ -74,10 +74,16 @@ def init_pages(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> Paged
     return PagedKV(zeros(), zeros())
 
 
-def attend_paged(q: jax.Array, k: jax.Array, v: jax.Array, kv: tuple, batch: PagedBatch,
+def attend_paged(q: jax.Array, new: NewKV, kv: tuple, batch: PagedBatch,
                  impl: str) -> tuple[jax.Array, tuple]:
-    """Write k, v [1, T, G, E] into one layer's pages and attend q [1, T, H, E] through them."""
-    k_pages, v_pages = write_pages(kv[0], kv[1], k[0], v[0], batch.write_slots, impl=impl)
+    """Write the step's new keys and values (`NewKV`, rotated as they are written) into one
+    layer's pages and attend q [1, T, H, E] through them."""
+    if new.cfg.tp != 1:
+        raise ValueError(f"the paged step runs on one shard's weights (cfg.tp=1), got "
+                         f"tp={new.cfg.tp}: run it inside serving.sharding's shard_map")
+    k_pages, v_pages = write_pages(kv[0], kv[1], new.qkv[0], batch.write_slots,
+                                   new.positions[0], new.inv_freq, n_heads=new.cfg.n_heads,
+                                   impl=impl)
     _, T, H, E = q.shape
     Bd = batch.decode_positions.shape[0]
     NQ, Q = batch.prefill_positions.shape
@@ -100,7 +106,7 @@ def forward_paged(params: Params, cfg: ModelConfig, tokens: jax.Array, kv: Paged
     with the tokens' K/V written. `lora.batch` gives each of the T tokens its slot. With
     tp_axis, this runs inside a shard_map on one shard's weights (serving/sharding.py)."""
     positions = jnp.maximum(batch.positions, 0)[None]                   # [1, T]
-    attend = lambda q, k, v, c: attend_paged(q, k, v, c, batch, impl)    # noqa: E731
+    attend = lambda q, new, c: attend_paged(q, new, c, batch, impl)     # noqa: E731
     h, (ks, vs) = run_layers(params, cfg, tokens[None], positions, attend, (kv.k, kv.v),
                              impl, lora, tp_axis)
     return h[0], PagedKV(ks, vs)

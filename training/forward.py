@@ -35,7 +35,8 @@ def train_logits(base_params: dict, cfg: ModelConfig, adapters: Adapters, tokens
     visible = ((order[None, :, None] >= order[None, None, :])                  # [1, T, T]
                & (segments[:, :, None] == segments[:, None, :]))               # [B, T, T]
 
-    def attend(q, k, v, kv):  # k, v [B, T, G, E] -> [B, G, T, E]
+    def attend(q, new, kv):  # k, v [B, T, G, E] -> [B, G, T, E]
+        k, v = new.split()
         return masked_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
                                 visible), kv
 
