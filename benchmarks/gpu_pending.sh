@@ -17,9 +17,11 @@
 #   bash benchmarks/gpu_pending.sh gemm-engine          # nvidia-h200 (~6 min; done 2026-12-02)
 #   bash benchmarks/gpu_pending.sh gemm-default         # nvidia-h200 (~9 min; done 2026-12-02)
 #   bash benchmarks/gpu_pending.sh page-write           # nvidia-h200 (~6 min; done 2026-12-04)
+#   bash benchmarks/gpu_pending.sh warm-reps            # nvidia-h200 (~2 min; done 2026-12-04
+#                                                       #  for base and distinct)
 #
-# Still owed (2026-12-02): tp (issue 5, two GPUs; that kind was not lent), and a sweep
-# (batches 1-256) with the gemm default. The trace (profile), the sweep with the glue-free
+# Still owed (2026-12-04): tp (issue 5, two GPUs; that kind was not lent), identical timed
+# with the warm-up, and a sweep (batches 1-256) with the gemm default and the warm-up. The trace (profile), the sweep with the glue-free
 # LoRA kernels and the gemm path in the step are in RESULTS.md.
 # Each section writes its full log to $OUT/<section>.log (the device tool returns $OUT) and
 # prints its last lines; a section that fails or times out does not stop the others.
@@ -108,6 +110,10 @@ for section in "$@"; do
         run engine-page-write 150 $py -m benchmarks.bench_engine --batch 32 \
             --workloads base distinct --steps 30 --profile "$out/prof"
         run gpu-tests-all 400 env JAX_PLATFORMS=cuda $py -m pytest -q -rs -m gpu tests ;;
+    warm-reps)   # issue 5: batch 32 timed twice in one process, each point after the
+                 # one-second warm-up (the two repetitions should agree)
+        run engine-warm-reps 200 $py -m benchmarks.bench_engine --batch 32 32 \
+            --workloads base distinct identical --steps 30 ;;
     sweep)     # issue 5, acceptance 3: the decode sweep by batch and adapter mix
         run engine-sweep 560 $py -m benchmarks.bench_engine --batch 1 8 32 64 128 256 \
             --steps 30 ;;
@@ -116,6 +122,6 @@ for section in "$@"; do
         run tp-compare 280 $py -m benchmarks.bench_engine --batch --tp-compare 2 ;;
     *)
         echo "unknown section $section (tests kernels fused-kernel fused-engine adapters train" \
-             "server remat graphs profile gemm-kernel gemm-engine gemm-default page-write sweep tp)" >&2 ;;
+             "server remat graphs profile gemm-kernel gemm-engine gemm-default page-write warm-reps sweep tp)" >&2 ;;
     esac
 done
