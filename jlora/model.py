@@ -252,8 +252,8 @@ def attention(layer: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array,
               lora: LoraContext | None = None, index: int = 0, tp_axis: str | None = None):
     """The attention block. `attend(q, new, kv) -> (out [B, T, H*E], kv)` writes this
     layer's new keys and values (`NewKV`) into its cache `kv` and attends (dense or paged),
-    with q already rotated. Inside a
-    shard_map over `tp_axis`, the row-parallel output projection's partial sums are added up."""
+    with q already rotated. Inside a shard_map over `tp_axis`, the row-parallel output
+    projection's partial sums are added up."""
     B, T, _ = x.shape
     H, G, E = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     h = rms_norm(x, layer["attn_norm"], cfg.norm_eps)

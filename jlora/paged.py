@@ -10,8 +10,8 @@ K/V through page tables.
 Cache position p of a sequence lives in page table[p // Z], offset p % Z; a token's K/V goes
 to flat slot page * Z + offset of its layer's [G, P * Z, E] view (a slot >= P * Z is a
 padding token's, dropped); with impl="pallas" one kernel reads K and V from the q/k/v
-projection's output, rotates K and writes both in place (`pallas_kernels.page_write`). The host side (page allocation) is `serving.kv_cache`; this
-module only computes.
+projection's output, rotates K and writes both in place (`pallas_kernels.page_write`). The
+host side (page allocation) is `serving.kv_cache`; this module only computes.
 """
 
 from __future__ import annotations
