@@ -22,9 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 
+GREEDY_BELOW = 1e-5   # temperatures under this sample greedily (logits / 1e-38 overflow)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens for one request. temperature 0 is greedy; top_k 0 disables top-k."""
+    """How to pick tokens for one request. temperature 0 is greedy (as is any temperature
+    below GREEDY_BELOW, which would overflow the scaled logits); top_k 0 disables top-k."""
 
     max_tokens: int = 256
     temperature: float = 0.0
@@ -47,8 +51,8 @@ class SamplingParams:
                "a finite number >= 0 (0 = greedy)")
         _check(_is_real(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p,
                "a number in (0, 1]")
-        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", self.top_k,
-               "an integer >= 0 (0 = no top-k)")
+        _check(_is_int(self.top_k) and 0 <= self.top_k < 2**31, "top_k", self.top_k,
+               "an integer in [0, 2**31) (0 = no top-k)")
         _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**64), "seed",
                self.seed, "an integer in [0, 2**64)")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
@@ -56,6 +60,8 @@ class SamplingParams:
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                self.stop_token_ids, "non-negative integers")
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "true or false")
+        if self.temperature < GREEDY_BELOW:
+            object.__setattr__(self, "temperature", 0.0)
 
     def replace(self, **changes) -> SamplingParams:
         return dataclasses.replace(self, **changes)
@@ -117,6 +123,7 @@ def _filter_top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -
     probs = jax.nn.softmax(desc, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs                    # exclusive cumsum
     n_keep = jnp.maximum(jnp.sum(mass_before < top_p[:, None], axis=-1), 1)
+    n_keep = jnp.where(top_p >= 1, V, n_keep)   # float32 sums can reach 1 before the tail
     cutoff = jnp.take_along_axis(desc, (n_keep - 1)[:, None], axis=-1)  # [B, 1]
     return jnp.where(scaled >= jnp.maximum(cutoff, kth), scaled, -jnp.inf)
 

@@ -79,9 +79,28 @@ def test_a_seeded_row_draws_the_same_whatever_shares_the_batch():
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(temperature=float("nan")),
                                  dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
+                                 dict(top_k=2**31),
                                  dict(max_tokens=0), dict(seed=-1), dict(stop=[""]),
                                  dict(max_tokens=2.5), dict(ignore_eos="yes")])
 def test_invalid_parameters_are_refused_by_name(bad):
     name = next(iter(bad))
     with pytest.raises(ValueError, match=f"sampling parameter {name}="):
         SamplingParams(**bad)
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy():
+    """logits / 1e-38 overflow to inf (and the sampler then drew token 0); such
+    temperatures are greedy, as in vLLM."""
+    assert SamplingParams(temperature=1e-38).temperature == 0.0
+    assert SamplingParams(temperature=1e-5).temperature == 1e-5
+
+
+def test_top_p_1_keeps_the_whole_tail():
+    """With one dominant token, float32's running sum reaches 1.0 before the tail; top_p=1
+    must still keep every token (the engine's "sample" programs filter every row)."""
+    from jlora.sampling import _filter_top_k_top_p
+    logits = jnp.zeros((1, 100_000)).at[0, 0].set(30.0)
+    kept = _filter_top_k_top_p(logits, jnp.array([0]), jnp.array([1.0], jnp.float32))
+    assert bool(jnp.isfinite(kept).all())
+    nucleus = _filter_top_k_top_p(logits, jnp.array([0]), jnp.array([0.5], jnp.float32))
+    assert int(jnp.isfinite(nucleus).sum()) == 1
