@@ -89,9 +89,11 @@ def encode_prompt(model: Model, prompt: Prompt, chat: bool) -> list[int]:
             raise ValueError(f"model {model.source!r} has no tokenizer for chat messages")
         return tok.encode_chat(items)
     V = model.config.vocab_size
-    bad = [t for t in items if not isinstance(t, (int, np.integer)) or not 0 <= t < V]
+    bad = [t for t in items if not isinstance(t, (int, np.integer)) or isinstance(t, bool)
+           or not 0 <= t < V]
     if bad:
-        raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {V})")
+        raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {V}) "
+                         "(token ids are integers)")
     return [int(t) for t in items]
 
 

@@ -202,3 +202,14 @@ class IncrementalDecoder:
         self._prefix, self._read = self._read, len(self.ids)
         self.text += delta
         return delta
+
+    def flush(self) -> str:
+        """The text held back at the end of a finished sequence (an incomplete UTF-8
+        sequence, decoded as U+FFFD), added to `text`."""
+        if self._read == len(self.ids):
+            return ""
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        delta = self.tokenizer.decode(self.ids[self._prefix:])[len(before):]
+        self._prefix = self._read = len(self.ids)
+        self.text += delta
+        return delta

@@ -13,12 +13,16 @@ the bank has GPU slots; a loader thread brings them to a slot when a request nee
 each step only dispatches the finished loads' in-place writes. Admission order is the
 fairness policy's (VTC per tenant, or FCFS).
 The engine knows nothing about gRPC; requests arrive through `submit` from any thread.
+Bad input is refused at `submit`; should a step still fail (a bug, a device error), every
+request then in the engine ends with "error" and the loop goes on; `close()` ends those left
+with "cancelled". No stream is left waiting.
 """
 
 from __future__ import annotations
 
 import gc
 import itertools
+import logging
 import threading
 import time
 import weakref
@@ -47,11 +51,17 @@ from serving.request import Request, RequestOutput, RequestStream, Status
 from serving.scheduler import Plan, Scheduler, SchedulerConfig
 from serving.step import StepBatch, engine_step, make_batch, pack
 
+log = logging.getLogger(__name__)
+
 LORA_KERNELS = ("split", "fused", "gemm")
 
 
 class QueueFull(Exception):
     """The engine's queue is at its limit; the request was not accepted."""
+
+
+class DuplicateRequest(ValueError):
+    """A request of that id is still in the engine."""
 
 
 @dataclass(frozen=True)
@@ -189,8 +199,10 @@ class Engine:
             self.adapters.start()
 
     def close(self) -> None:
-        """Stop the background loop and the adapter loader thread."""
+        """Stop the background loop and the adapter loader thread; requests still in the
+        engine end with "cancelled"."""
         self.stop()
+        self._end_all("cancelled")
         if self.adapters is not None:
             self.adapters.stop()
 
@@ -256,12 +268,20 @@ class Engine:
         model, limit = self.model, self.sched_config.max_seq_len
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        if not (prompt if isinstance(prompt, str) else list(prompt)):
+        if not isinstance(prompt, str):
+            prompt = list(prompt)   # once: a generator would be empty the second time
+        if not prompt:
             raise ValueError("the prompt is empty")
         ids = encode_prompt(model, prompt, chat)
         if len(ids) + params.max_tokens > limit:
             raise ValueError(f"prompt of {len(ids)} tokens + max_tokens={params.max_tokens} "
                              f"exceeds the context of {limit} tokens")
+        pages = self.pages.pages_for(len(ids) + params.max_tokens)
+        if pages > self.pages.capacity:   # it could never run to the end, even alone
+            raise ValueError(
+                f"prompt of {len(ids)} tokens + max_tokens={params.max_tokens} needs {pages} "
+                f"KV pages of {self.pages.page_size} tokens; the cache holds "
+                f"{self.pages.capacity} (num_pages={self.pages.num_pages}, one reserved)")
         if params.stop and model.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none")
         if adapter and self.adapters is None:
@@ -270,12 +290,17 @@ class Engine:
         tenant = (adapter or "") if tenant is None else tenant
         if not isinstance(tenant, str) or len(tenant) > 200:
             raise ValueError(f"tenant {tenant!r} must be a string of at most 200 characters")
-        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+        if timeout is not None and (isinstance(timeout, bool) or not (
+                isinstance(timeout, (int, float)) and timeout > 0)):
             raise ValueError(f"timeout={timeout!r} must be a number of seconds > 0")
+        if request_id is not None and not (isinstance(request_id, str) and request_id):
+            raise ValueError(f"request_id={request_id!r} must be a non-empty string")
         with self._lock:
-            request_id = request_id or f"req-{next(self._ids)}"
+            if request_id is None:   # the next generated id no caller has taken
+                request_id = next(i for i in (f"req-{n}" for n in self._ids)
+                                  if i not in self._requests)
             if request_id in self._requests:
-                raise ValueError(f"request id {request_id!r} is already in use")
+                raise DuplicateRequest(f"request id {request_id!r} is already in use")
             if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_queue:
                 raise QueueFull(f"{self.config.max_queue} requests are already waiting")
             entry = self.adapters.cache.bind(adapter) if adapter else None
@@ -446,20 +471,33 @@ class Engine:
 
     def _emit(self, r: Request, ids: list, lps: list, reason: str | None) -> None:
         """Stream new text; while running, hold back text that could start a stop string."""
+        if reason is not None:
+            return self._finish(r, reason, ids, lps)
+        r.stream.put(RequestOutput(r.request_id, ids, self._new_text(r, final=False), lps))
+
+    def _new_text(self, r: Request, final: bool) -> str:
+        """The decoded text not yet streamed, cut before any stop string; unless final, less
+        the tail that could be the start of one."""
         text = r.decoder.text if r.decoder is not None else ""
         hits = [i for i in (text.find(s) for s in r.params.stop) if i >= 0]
         if hits:
             text = text[:min(hits)]
         end = len(text)
-        if reason is None and r.params.stop:
+        if not final and r.params.stop:
             end = max(r.text_sent, end - max(map(len, r.params.stop)) + 1)
-        delta, r.text_sent = text[r.text_sent:end], end
-        if reason is not None:
-            return self._finish(r, reason, ids, lps, None, delta)
-        r.stream.put(RequestOutput(r.request_id, ids, delta, lps))
+        delta, r.text_sent = text[r.text_sent:end], max(r.text_sent, end)
+        return delta
 
-    def _finish(self, r: Request, reason: str, ids=(), lps=(), error: str | None = None,
-                text: str = "") -> None:
+    def _finish(self, r: Request, reason: str, ids=(), lps=(),
+                error: str | None = None) -> None:
+        """End a request for any reason: its resources freed, its last output (with the text
+        held back so far) streamed."""
+        if r.decoder is not None:
+            try:
+                r.decoder.flush()
+            except Exception:  # noqa: BLE001 (a decode error: the text so far stands)
+                pass
+        text = self._new_text(r, final=True)
         self.scheduler.finish(r, reason)
         now = self.clock()
         r.finish_time = now
@@ -523,10 +561,25 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
-            busy = self.step()
+            try:
+                busy = self.step()
+            except Exception as e:  # a bug or a device error: end every request, go on
+                log.exception("engine step failed; ending every request in the engine")
+                self._end_all("error", f"engine step failed: {type(e).__name__}: {e}")
+                busy = False
             self._idle(busy, timeout=0.05)
             if self._stop:
                 return
+
+    def _end_all(self, reason: str, error: str | None = None) -> None:
+        """Finish every request the engine holds (queued, waiting, running) with `reason`;
+        a step in flight is dropped."""
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        self._pending = None
+        for r in [*inbox, *self.scheduler.running, *self.scheduler.waiting]:
+            if r.status is not Status.FINISHED:
+                self._finish(r, reason, error=error)
 
     # ---------------------------------------------------------------- offline helper
     def generate(self, prompts: Sequence[Prompt],
@@ -536,6 +589,9 @@ class Engine:
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         adapters = adapters or [None] * len(prompts)
+        if not len(params) == len(adapters) == len(prompts):
+            raise ValueError(f"{len(prompts)} prompts, {len(params)} sampling params and "
+                             f"{len(adapters)} adapters: give one of each per prompt")
         streams = [self.submit(p, sp, adapter=a) for p, sp, a in zip(prompts, params, adapters)]
         if self._thread is None:
             self.run_until_idle()

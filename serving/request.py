@@ -100,7 +100,10 @@ class RequestStream:
             self._cond.notify_all()
             waiters, self._waiters = self._waiters, []
         for loop, event in waiters:
-            loop.call_soon_threadsafe(event.set)
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:   # that reader's event loop has closed: no one to wake
+                pass
 
     # -- caller side
     @property
@@ -126,10 +129,15 @@ class RequestStream:
             with self._cond:
                 batch = self._outputs[i:]
                 if not batch:
-                    event = asyncio.Event()
-                    self._waiters.append((asyncio.get_running_loop(), event))
+                    waiter = (asyncio.get_running_loop(), asyncio.Event())
+                    self._waiters.append(waiter)
             if not batch:
-                await event.wait()
+                try:
+                    await waiter[1].wait()
+                finally:   # woken, or the reader gave up (its task cancelled)
+                    with self._cond:
+                        if waiter in self._waiters:
+                            self._waiters.remove(waiter)
                 continue
             for out in batch:
                 yield out

@@ -6,6 +6,7 @@ request served in a busy, preempting, cancelling engine must produce exactly its
 
 import asyncio
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ from jlora.sampling import SamplingParams
 from jlora.tokenizer import Tokenizer
 from pallas_kernels.lora import LoraBlocks
 from serving.engine import Engine, EngineConfig, QueueFull
+from serving.request import RequestOutput, RequestStream
 from tests.helpers import random_lora_adapter, random_tied_adapter
 
 ADAPTERS = (None, "lora8", "lora16", "dora", "tied")
@@ -197,6 +199,9 @@ def test_cancel_frees_pages_at_once_and_spares_the_others(model, engine):
     (dict(adapter="nope"), "'nope' is not loaded"),
     (dict(params=SamplingParams(max_tokens=60)), "exceeds the context of 64"),
     (dict(timeout=-1), "timeout=-1"),
+    (dict(timeout=True), "timeout=True"),
+    (dict(prompt=[True, 5]), r"\[True\] are outside the vocabulary"),
+    (dict(request_id=7), "request_id=7 must be a non-empty string"),
 ])
 def test_bad_requests_are_refused_and_others_finish(model, engine, kwargs, match):
     eng, _ = engine
@@ -283,3 +288,107 @@ def test_lora_kernel_choice_in_the_engine_matches_xla_generation_alone(lora_kern
                                          r"bank's slots hold rank 128 \(lower max_lora_rank"):
         Engine(wide, EngineConfig(max_seqs=4, num_pages=14, max_loras=2, max_lora_rank=128,
                                   lora_kernel="fused"))
+
+
+def test_generated_request_ids_skip_those_callers_took(engine):
+    eng, _ = engine
+    p = SamplingParams(max_tokens=2)
+    n = int(eng.submit([4, 5], p).request_id.removeprefix("req-"))
+    eng.submit([4, 5], p, request_id=f"req-{n + 1}")
+    eng.submit([4, 5], p, request_id=f"req-{n + 2}")
+    assert eng.submit([4, 5], p).request_id == f"req-{n + 3}"
+    eng.run_until_idle()
+
+
+def test_a_prompt_given_as_a_generator_is_read_once(model, engine):
+    eng, _ = engine
+    p = SamplingParams(max_tokens=5, ignore_eos=True)
+    stream = eng.submit(iter([4, 5, 6]), p)
+    eng.run_until_idle()
+    assert stream.result().token_ids == alone(model, [4, 5, 6], p, None).token_ids
+
+
+def test_a_request_larger_than_the_kv_cache_is_refused(model):
+    """One that could never hold its pages, even alone, is refused at submit (it would
+    otherwise wait, or preempt itself, forever); one that fits runs."""
+    eng = Engine(model, EngineConfig(max_seqs=2, page_size=8, num_pages=5, prefill_budget=16,
+                                     piece=8, decode_buckets=(0, 2), prefill_buckets=(0, 16),
+                                     impl="xla"))
+    prompt = list(range(4, 24))
+    with pytest.raises(ValueError, match=r"prompt of 20 tokens \+ max_tokens=30 needs 7 KV "
+                                         r"pages of 8 tokens; the cache holds 4 \(num_pages=5"):
+        eng.submit(prompt, SamplingParams(max_tokens=30))
+    p = SamplingParams(max_tokens=12, ignore_eos=True)   # 32 tokens: the whole cache
+    stream = eng.submit(prompt, p)
+    eng.run_until_idle()
+    assert stream.result().token_ids == alone(model, prompt, p, None).token_ids
+
+
+def test_held_back_text_is_sent_when_a_request_is_cancelled(model, engine):
+    """While a stop string could still start in the last characters they are held back;
+    a request that ends otherwise (cancelled here) still gets them in its last output."""
+    eng, _ = engine
+    p = SamplingParams(max_tokens=20, ignore_eos=True, stop=("#never-in-the-text#",))
+    stream = eng.submit("Once upon a time", p, chat=False)
+    for _ in range(8):
+        eng.step()
+    eng.cancel(stream.request_id)
+    eng.run_until_idle()
+    out = stream.result()
+    assert out.finish_reason == "cancelled" and len(out.token_ids) >= 4
+    assert out.text == model.tokenizer.decode(out.token_ids)
+
+
+def test_a_failing_step_ends_every_request_and_the_loop_goes_on(model, engine):
+    """An exception inside a step (a bug, a device error) ends the requests then in the
+    engine with "error" rather than killing the loop and leaving every stream waiting;
+    requests submitted afterwards are served."""
+    eng, _ = engine
+    eng.clock = time.monotonic
+    p = SamplingParams(max_tokens=30, ignore_eos=True)
+    a, b = eng.submit([4, 5, 6], p), eng.submit([7, 8, 9], p)
+    for _ in range(3):
+        eng.step()
+    schedule = eng.scheduler.schedule
+
+    def broken():
+        eng.scheduler.schedule = schedule   # once
+        raise RuntimeError("boom")
+    eng.scheduler.schedule = broken
+    eng.start()
+    try:
+        for stream in (a, b):
+            out = stream.result(timeout=60)
+            assert out.finish_reason == "error" and out.error == \
+                "engine step failed: RuntimeError: boom"
+        q = SamplingParams(max_tokens=4)
+        assert eng.submit([4, 5, 6], q).result(timeout=60).token_ids == \
+            alone(model, [4, 5, 6], q, None).token_ids
+    finally:
+        eng.stop()
+    assert eng.pages.num_free == eng.pages.capacity
+
+
+def test_close_ends_the_requests_left_in_the_engine(engine):
+    eng, _ = engine
+    p = SamplingParams(max_tokens=30, ignore_eos=True)
+    running, queued = eng.submit([4, 5, 6], p), None
+    eng.step()
+    queued = eng.submit([7, 8, 9], p)
+    eng.close()
+    assert [s.result(timeout=0).finish_reason for s in (running, queued)] == ["cancelled"] * 2
+    assert eng.pages.num_free == eng.pages.capacity
+
+
+def test_an_async_reader_that_gives_up_leaves_no_waiter_behind():
+    """A reader whose wait is cancelled (a timeout) unregisters itself, so the engine's next
+    output does not try to wake a closed event loop (which raised in the engine thread)."""
+    stream = RequestStream("r")
+
+    async def give_up():
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(anext(aiter(stream)), 0.01)
+    asyncio.run(give_up())
+    assert not stream._waiters
+    stream.put(RequestOutput("r", [1], "a", [0.0], True, "stop"))
+    assert stream.result(timeout=0).token_ids == [1]
