@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args)
         return {"generate": cmd_generate, "chat": cmd_chat, "serve": server_cli.cmd_serve,
                 "adapters": server_cli.cmd_adapters}[args.command](args)
-    except (ValueError, FileNotFoundError, TimeoutError) as e:
+    except (ValueError, OSError, TimeoutError) as e:   # OSError: files, ports
         print(f"jlora: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:   # a server's refusal; grpc is imported only by server commands

@@ -90,7 +90,8 @@ def add_parsers(sub) -> None:
         if verb != "list":
             v.add_argument("name")
         if verb == "load":
-            v.add_argument("path", help="adapter directory, as the server sees it")
+            v.add_argument("path", help="adapter directory on the server's machine (a "
+                           "relative path is made absolute from this shell's directory)")
             v.add_argument("--pin", action="store_true", help="keep it on the device")
             v.add_argument("--replace", action="store_true", help="replace a loaded version")
             v.add_argument("--owner", default="", metavar="TENANT",
@@ -107,8 +108,11 @@ def cmd_serve(args) -> int:
                             args.max_requests_per_tenant, args.drain_seconds, args.tls_cert,
                             args.tls_key)
     pairs = adapter_pairs(args.adapter)
-    asyncio.run(serve(options, keys, lambda: build_engine(args, pairs),
-                      log=lambda line: print(line, file=sys.stderr, flush=True)))
+    served = asyncio.run(serve(options, keys, lambda: build_engine(args, pairs),
+                               log=lambda line: print(line, file=sys.stderr, flush=True)))
+    if not served:   # stopped during warm-up: the build thread may be inside a compile,
+        sys.stdout.flush()   # which no interpreter shutdown can end cleanly; nothing of it
+        os._exit(0)          # needs finishing
     return 0
 
 

@@ -13,6 +13,7 @@ those of `jlora.SamplingParams`. Failures raise `grpc.RpcError` as the server se
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,16 +65,37 @@ def make_request(prompt, *, adapter: str = "", tenant: str = "", request_id: str
     for key in ("stop", "stop_token_ids"):
         if isinstance(sampling.get(key), (str, int)):
             sampling[key] = [sampling[key]]
+    params = pb.SamplingParams()
+    for key, value in sampling.items():   # protobuf's own range errors name no field
+        try:
+            if key in ("stop", "stop_token_ids"):
+                getattr(params, key).extend(value)
+            else:
+                setattr(params, key, value)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"sampling parameter {key}={value!r} does not fit the request "
+                             f"({e})") from None
     req = pb.GenerateRequest(adapter=adapter or "", tenant=tenant, request_id=request_id,
-                             raw=raw, sampling=pb.SamplingParams(**sampling))
+                             raw=raw, sampling=params)
     if isinstance(prompt, str):
         req.text = prompt
-    elif prompt and all(isinstance(m, dict) for m in prompt):
-        req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"])
-                                 for m in prompt)
-    else:
-        req.token_ids.ids.extend(prompt or [])   # empty: the server says so
-        req.token_ids.SetInParent()
+        return req
+    prompt = list(prompt) if prompt is not None else []
+    if prompt and all(isinstance(m, dict) for m in prompt):
+        for i, m in enumerate(prompt):
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"chat message {i} is {m!r}; each must have a string "
+                                 "'role' and a string 'content'")
+            req.chat.messages.add(role=m["role"], content=m["content"])
+        return req
+    try:   # empty: the server says so
+        if any(isinstance(t, bool) for t in prompt):
+            raise TypeError("true/false is not a token id")
+        req.token_ids.ids.extend(operator.index(t) for t in prompt)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the prompt must be text, chat messages or token ids (integers in "
+                         f"[0, 2**32)): {e}") from None
+    req.token_ids.SetInParent()
     return req
 
 

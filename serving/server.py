@@ -16,8 +16,10 @@ UNAVAILABLE, lets running ones finish within a bound, then stops. No model logic
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -34,7 +36,7 @@ from jlora.sampling import SamplingParams
 from serving import auth
 from serving.adapter_store import AdapterInfo, UnknownAdapter
 from serving.auth import KeyRing, Refused
-from serving.engine import Engine, QueueFull
+from serving.engine import DuplicateRequest, Engine, QueueFull
 from serving.prometheus import ServingMetrics
 from serving.proto.jlora.v1 import jlora_pb2 as pb
 from serving.proto.jlora.v1 import jlora_pb2_grpc as pb_grpc
@@ -42,6 +44,7 @@ from serving.proto.jlora.v1 import jlora_pb2_grpc as pb_grpc
 SERVICE = pb.DESCRIPTOR.services_by_name["Jlora"].full_name
 _STATUS = ((Refused, None), (UnknownAdapter, grpc.StatusCode.NOT_FOUND),
            (FileNotFoundError, grpc.StatusCode.NOT_FOUND),
+           (DuplicateRequest, grpc.StatusCode.ALREADY_EXISTS),
            (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
            (ValueError, grpc.StatusCode.INVALID_ARGUMENT))
 _REFUSALS = tuple(cls for cls, _ in _STATUS)
@@ -57,6 +60,24 @@ class ServerOptions:
     drain_seconds: float = 30.0         # how long running requests may take after SIGTERM
     tls_cert: str | None = None         # PEM files; both or neither
     tls_key: str | None = None
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port, with an IPv6 address in brackets ([::1]:50051)."""
+    host = host.strip("[]")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _check_free(host: str, port: int, what: str) -> None:
+    """Raise OSError, naming the address, when host:port cannot be listened on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as http.server does
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise OSError(f"cannot listen on {host_port(host, port)} ({what}): "
+                          f"{e.strerror}") from None
 
 
 def status_of(e: Exception) -> grpc.StatusCode:
@@ -84,27 +105,35 @@ class JloraServer(pb_grpc.JloraServicer):
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._metrics_http = None
+        self._adapter_changes = asyncio.Lock()   # one LoadAdapter/UnloadAdapter at a time
         self.port = 0
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> int:
         """Listen (health NOT_SERVING until `attach`); returns the port."""
-        n = self.options.max_message_bytes
+        n, host = self.options.max_message_bytes, self.options.host.strip("[]")
+        if self.options.metrics_port is not None:   # refuse a busy port now, not after warm-up
+            _check_free(host, self.options.metrics_port, "the metrics port")
         self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", n),
-                                                ("grpc.max_send_message_length", n)])
+                                                ("grpc.max_send_message_length", n),
+                                                ("grpc.so_reuseport", 0)])
         pb_grpc.add_JloraServicer_to_server(self, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self._server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{self.options.host}:{self.options.port}"
-        if self.options.tls_cert:
-            creds = grpc.ssl_server_credentials([(Path(self.options.tls_key).read_bytes(),
-                                                  Path(self.options.tls_cert).read_bytes())])
-            self.port = self._server.add_secure_port(address, creds)
-        else:
-            self.port = self._server.add_insecure_port(address)
+        address = host_port(host, self.options.port)
+        try:
+            if self.options.tls_cert:
+                creds = grpc.ssl_server_credentials([(Path(self.options.tls_key).read_bytes(),
+                                                      Path(self.options.tls_cert).read_bytes())])
+                self.port = self._server.add_secure_port(address, creds)
+            else:
+                self.port = self._server.add_insecure_port(address)
+        except RuntimeError as e:   # grpc's "Failed to bind to address"
+            raise OSError(f"cannot listen on {address}: the port is in use, or the address "
+                          "is not one of this machine's") from e
         await self._server.start()
         return self.port
 
@@ -113,7 +142,7 @@ class JloraServer(pb_grpc.JloraServicer):
         self.engine, self.model_name = engine, model_name
         self.metrics = ServingMetrics(model_name, engine.metrics.snapshot)
         if self.options.metrics_port is not None:
-            self._metrics_http = self.metrics.serve_http(self.options.host,
+            self._metrics_http = self.metrics.serve_http(self.options.host.strip("[]"),
                                                          self.options.metrics_port)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
@@ -171,6 +200,13 @@ class JloraServer(pb_grpc.JloraServicer):
         """Refuse another tenant's private adapter (PERMISSION_DENIED)."""
         auth.check_adapter(identity, identity.tenant, name, self.owners.get(name, ""))
 
+    def _not_loaded(self, identity: auth.Identity, name: str) -> UnknownAdapter:
+        """The refusal for an unknown adapter, listing only those this caller may use."""
+        names = sorted(a.name for a in self.engine.adapters.list()
+                       if auth.may_use(identity, identity.tenant, self.owners.get(a.name, "")))
+        shown = names[:10] + (["..."] if len(names) > 10 else [])
+        return UnknownAdapter(f"adapter {name!r} is not loaded; loaded: {shown or 'none'}")
+
     def _adapters(self):
         """The engine's adapter store; FAILED_PRECONDITION when it has no adapter slots."""
         if self.engine.adapters is None:
@@ -198,6 +234,9 @@ class JloraServer(pb_grpc.JloraServicer):
             try:
                 stream = self.engine.submit(prompt, params, adapter=adapter, tenant=tenant,
                                             request_id=request_id, timeout=timeout, chat=chat)
+            except UnknownAdapter as e:
+                self._release(request_id)
+                raise self._not_loaded(identity, adapter) if self.engine.adapters else e
             except BaseException:
                 self._release(request_id)
                 raise
@@ -245,35 +284,38 @@ class JloraServer(pb_grpc.JloraServicer):
             if not request.path:
                 raise ValueError("path is empty: give the adapter's directory on the server")
             store = self._adapters()
-            if request.name in store and not request.replace:
-                raise Refused(grpc.StatusCode.ALREADY_EXISTS,
-                              f"adapter {request.name!r} is already loaded; set replace to "
-                              "load the new version")
-            # private before it is registered, so no other tenant can catch it in between
-            before = self.owners.get(request.name)
-            if request.owner:
-                self.owners[request.name] = request.owner
-            try:
-                info = await asyncio.to_thread(store.load, request.name, request.path,
-                                               pin=request.pin, replace=request.replace)
-            except BaseException:
-                self.owners.pop(request.name, None)
-                if before is not None:
-                    self.owners[request.name] = before
-                raise
+            async with self._adapter_changes:   # the check, the load and the owner together
+                if request.name in store and not request.replace:
+                    raise Refused(grpc.StatusCode.ALREADY_EXISTS,
+                                  f"adapter {request.name!r} is already loaded; set replace "
+                                  "to load the new version")
+                # private before it is registered, so no other tenant can catch it between
+                before = self.owners.get(request.name)
+                if request.owner:
+                    self.owners[request.name] = request.owner
+                try:
+                    info = await asyncio.to_thread(store.load, request.name, request.path,
+                                                   pin=request.pin, replace=request.replace)
+                except BaseException:
+                    self.owners.pop(request.name, None)
+                    if before is not None:
+                        self.owners[request.name] = before
+                    raise
+                if not request.owner:
+                    self.owners.pop(info.name, None)
+                reply = self._adapter_pb(info)
         except _REFUSALS as e:
             await context.abort(status_of(e), str(e))
-        if not request.owner:
-            self.owners.pop(info.name, None)
-        return self._adapter_pb(info)
+        return reply
 
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context):
         try:
             auth.require_admin(self._caller(context), "UnloadAdapter")
-            self._adapters().unload(request.name)
+            async with self._adapter_changes:
+                self._adapters().unload(request.name)
+                self.owners.pop(request.name, None)
         except _REFUSALS as e:
             await context.abort(status_of(e), str(e))
-        self.owners.pop(request.name, None)
         return pb.UnloadAdapterResponse()
 
     async def ListAdapters(self, request, context) -> pb.ListAdaptersResponse:
@@ -292,7 +334,10 @@ class JloraServer(pb_grpc.JloraServicer):
             if self.engine.adapters is None:
                 raise UnknownAdapter(f"adapter {request.name!r} is not loaded: this server "
                                      "serves the base model only")
-            info = self.engine.adapters.info(request.name)
+            try:
+                info = self.engine.adapters.info(request.name)
+            except UnknownAdapter:
+                raise self._not_loaded(identity, request.name) from None
             self._visible(identity, request.name)
         except _REFUSALS as e:
             await context.abort(status_of(e), str(e))
@@ -366,31 +411,48 @@ def _version() -> str:
 
 # -------------------------------------------------------------------- running it
 async def serve(options: ServerOptions, keys: KeyRing,
-                build: Callable[[], tuple[Engine, str]], log=print) -> None:
+                build: Callable[[], tuple[Engine, str]], log=print) -> bool:
     """Listen at once (NOT_SERVING), build and start the engine off the event loop, serve
-    until SIGTERM or SIGINT, then drain and stop the engine."""
+    until SIGTERM or SIGINT, then drain and stop the engine. Returns False when a signal
+    came during warm-up: the build thread (a daemon) may still be running then."""
     server = JloraServer(options, keys)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     port = await server.start()
-    log(f"jlora: listening on {options.host}:{port}, warming up")
-    try:
-        engine, model_name = await asyncio.to_thread(build)
-    except BaseException:
+    log(f"jlora: listening on {host_port(options.host, port)}, warming up")
+    built = concurrent.futures.Future()   # built in a daemon thread: a signal during warm-up
+    threading.Thread(target=_run_into, args=(build, built), name="jlora-build",  # need not
+                     daemon=True).start()                                       # wait for it
+    stopped = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({asyncio.wrap_future(built), stopped},
+                                 return_when=asyncio.FIRST_COMPLETED)
+    if stopped in done or built.exception() is not None:
         await server._server.stop(None)
-        raise
+        if stopped in done:
+            log("jlora: stopped during warm-up")
+            return False
+        raise built.exception()
+    engine, model_name = built.result()
     engine.start()
     await server.attach(engine, model_name)
-    log(f"jlora: serving {model_name} on {options.host}:{port} (pid {os.getpid()})"
-        + (f", metrics on http://{options.host}:{options.metrics_port}/metrics"
+    log(f"jlora: serving {model_name} on {host_port(options.host, port)} (pid {os.getpid()})"
+        + (f", metrics on http://{host_port(options.host, options.metrics_port)}/metrics"
            if options.metrics_port is not None else ""))
-    await stop.wait()
+    await stopped
     log(f"jlora: draining ({len(server._running)} requests running or waiting)")
     await server.drain()
     engine.close()
     log("jlora: stopped")
+    return True
+
+
+def _run_into(fn, future: concurrent.futures.Future) -> None:
+    try:
+        future.set_result(fn())
+    except BaseException as e:  # noqa: BLE001 (handed to the waiting event loop)
+        future.set_exception(e)
 
 
 class ServerThread:

@@ -14,7 +14,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from jlora.adapters import Adapter, ModuleAdapter
+from jlora.adapters import TARGETS, Adapter, ModuleAdapter
 
 META, WEIGHTS, FORMAT = "adapter.json", "adapter.safetensors", "jlora-adapter"
 
@@ -52,6 +52,9 @@ def read_native(path: str | Path, name: str | None = None) -> Adapter:
         raise FileNotFoundError(f"{path} has no {META}: not a jlora adapter directory") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path / META} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path / META} must hold a JSON object, not a "
+                         f"{type(meta).__name__}")
     if meta.get("format") != FORMAT or meta.get("version") != 1:
         raise ValueError(f"{path / META}: key 'format'/'version' is {meta.get('format')!r}/"
                          f"{meta.get('version')!r}; expected {FORMAT!r}/1")
@@ -60,9 +63,15 @@ def read_native(path: str | Path, name: str | None = None) -> Adapter:
             tensors = {k: f.get_tensor(k).astype(np.float32) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path / WEIGHTS} is not a readable safetensors file: {e}") from None
+    entries = meta.get("modules", [])
+    if not isinstance(entries, list):
+        raise ValueError(f"{path / META}: key 'modules' must be a list of objects, got "
+                         f"{type(entries).__name__}")
+    for i, entry in enumerate(entries):
+        _check_entry(entry, f"{path / META}: modules[{i}]")
     modules = {}
-    for entry in meta.get("modules", []):
-        layer, target = int(entry["layer"]), entry["target"]
+    for entry in entries:
+        layer, target = entry["layer"], entry["target"]
         prefix = f"layers.{layer}.{target}"
 
         def get(key, required=True):
@@ -78,6 +87,27 @@ def read_native(path: str | Path, name: str | None = None) -> Adapter:
             w=get("w", False), m=get("m", False))
     return Adapter(name=name or meta.get("name") or path.name, variant=meta.get("variant"),
                    modules=modules, source=str(path), info=meta.get("info") or {})
+
+
+def _check_entry(entry, where: str) -> None:
+    """One `modules` item: {"layer": int >= 0, "target": one of TARGETS, "scale": number,
+    optional "A"/"B"/"u"/"w"/"m": the tensor's key}; ValueError naming the key otherwise."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} must be an object, got {entry!r}")
+    checks = (("layer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+               "an integer >= 0"),
+              ("target", lambda v: v in TARGETS, f"one of {TARGETS}"),
+              ("scale", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+               "a number"))
+    for key, ok, allowed in checks:
+        if key not in entry:
+            raise ValueError(f"{where}: key {key!r} is missing ({allowed})")
+        if not ok(entry[key]):
+            raise ValueError(f"{where}: key {key!r} is {entry[key]!r}; must be {allowed}")
+    for key in ("A", "B", "u", "w", "m"):
+        if key in entry and not isinstance(entry[key], str):
+            raise ValueError(f"{where}: key {key!r} is {entry[key]!r}; must be the name of "
+                             "a tensor in the weights file")
 
 
 def read_adapter(path: str | Path, n_layers: int, name: str | None = None) -> Adapter:

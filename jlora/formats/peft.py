@@ -95,6 +95,9 @@ def read_peft(path: str | Path, n_layers: int, name: str | None = None) -> Adapt
         config = json.loads((path / CONFIG).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path / CONFIG} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path / CONFIG} must hold a JSON object, not a "
+                         f"{type(config).__name__}")
     _check_config(config, path)
     if not (path / WEIGHTS).is_file():
         pickled = [p.name for p in path.glob("*.bin")]

@@ -9,7 +9,9 @@ every token streamed.
 import asyncio
 import contextlib
 import json
+import re
 import shutil
+import socket
 import subprocess
 import time
 import urllib.request
@@ -30,7 +32,7 @@ from jlora.model import init_params
 from jlora.sampling import SamplingParams
 from jlora.tokenizer import Tokenizer
 from serving.auth import Identity, KeyRing
-from serving.client import AsyncClient, Client
+from serving.client import AsyncClient, Client, make_request
 from serving.engine import Engine, EngineConfig
 from serving.server import JloraServer, ServerOptions, ServerThread
 from tests.helpers import random_lora_adapter, random_tied_adapter
@@ -310,6 +312,8 @@ BAD_REQUESTS = [
     (dict(prompt=[1] * 7, max_tokens=60), grpc.StatusCode.INVALID_ARGUMENT,
      "prompt of 7 tokens + max_tokens=60 exceeds the context of 64 tokens"),
     (dict(prompt=[1, 2, 10**6]), grpc.StatusCode.INVALID_ARGUMENT, "outside the vocabulary"),
+    (dict(prompt=[1, 2], top_k=2**31), grpc.StatusCode.INVALID_ARGUMENT,
+     "top_k=2147483648 is invalid: must be an integer in [0, 2**31)"),
     (dict(prompt=[40_000] * 40_000), grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
 ]
 
@@ -338,6 +342,13 @@ def test_adapter_management_errors(setup, open_server, tmp_path):
     big = write_native(random_lora_adapter(cfg, "big", 32, seed=9), tmp_path / "big")
     corrupt = write_native(random_lora_adapter(cfg, "bad", 8, seed=9), tmp_path / "bad")
     (corrupt / "adapter.safetensors").write_bytes(b"\x00\x01 not a safetensors file")
+    listed = write_native(random_lora_adapter(cfg, "l", 8, seed=9), tmp_path / "listed")
+    (listed / "adapter.json").write_text(json.dumps([json.loads(
+        (listed / "adapter.json").read_text())]))
+    unscaled = write_native(random_lora_adapter(cfg, "u", 8, seed=9), tmp_path / "unscaled")
+    meta = json.loads((unscaled / "adapter.json").read_text())
+    del meta["modules"][1]["scale"]
+    (unscaled / "adapter.json").write_text(json.dumps(meta))
     with Client(open_server[1]) as c:
         cases = [
             (lambda: c.load_adapter("big", str(big)), grpc.StatusCode.INVALID_ARGUMENT,
@@ -347,6 +358,10 @@ def test_adapter_management_errors(setup, open_server, tmp_path):
             (lambda: c.load_adapter("x", str(tmp_path / "missing")), grpc.StatusCode.NOT_FOUND,
              "does not exist"),
             (lambda: c.load_adapter("x", ""), grpc.StatusCode.INVALID_ARGUMENT, "path is empty"),
+            (lambda: c.load_adapter("x", str(listed)), grpc.StatusCode.INVALID_ARGUMENT,
+             "adapter.json must hold a JSON object, not a list"),
+            (lambda: c.load_adapter("x", str(unscaled)), grpc.StatusCode.INVALID_ARGUMENT,
+             "adapter.json: modules[1]: key 'scale' is missing (a number)"),
             (lambda: c.load_adapter("lora8", str(big)), grpc.StatusCode.ALREADY_EXISTS,
              "'lora8' is already loaded"),
             (lambda: c.unload_adapter("nope"), grpc.StatusCode.NOT_FOUND, "'nope'"),
@@ -386,6 +401,13 @@ def test_keys_roles_tenants_and_private_adapters(setup, keyed_server):
                 max_tokens=6, ignore_eos=True), "extra").token_ids
             denied = [rpc_error(globex.generate, [7, 8], adapter="mine", max_tokens=2),
                       rpc_error(globex.get_adapter, "mine")]
+            # an unknown name's refusal lists the adapters the caller may use, no others
+            for call in (lambda c: c.generate([7, 8], adapter="typo", max_tokens=2),
+                         lambda c: c.get_adapter("typo")):
+                theirs, mine = rpc_error(call, globex), rpc_error(call, acme)
+                assert theirs.code() == mine.code() == grpc.StatusCode.NOT_FOUND
+                assert "'lora8'" in theirs.details() and "'mine'" not in theirs.details()
+                assert "'mine'" in mine.details()
             assert [a.name for a in acme.list_adapters()].count("mine") == 1
             assert "mine" not in [a.name for a in globex.list_adapters()]
         finally:
@@ -536,3 +558,95 @@ def test_cli_streams_a_prompt_and_manages_adapters(setup, open_server, capsys):
     assert "cli-extra" not in listed and set(NAMES) <= set(listed)
     assert main(["adapters", "unload", "cli-extra", "--server", address]) == 2
     assert capsys.readouterr().err.startswith("jlora: error: NOT_FOUND: ")
+
+
+def test_concurrent_loads_of_one_name_one_wins_whole(setup, open_server, tmp_path):
+    """Two LoadAdapter calls for one name at once, with different owners: one loads, the
+    other gets ALREADY_EXISTS, and the adapter keeps the winner's owner and weights."""
+    cfg = setup[0].config
+    paths = [write_native(random_lora_adapter(cfg, f"r{r}", r, seed=r), tmp_path / f"r{r}")
+             for r in (8, 16)]
+
+    async def race(name):
+        async with AsyncClient(open_server[1]) as c:
+            results = await asyncio.gather(
+                *(c.load_adapter(name, str(p), owner=o) for p, o in zip(paths, ("a", "b"))),
+                return_exceptions=True)
+            return results, await c.get_adapter(name)
+    for i in range(3):
+        results, info = asyncio.run(race(f"race{i}"))
+        won = [r for r in results if not isinstance(r, Exception)]
+        lost = [r for r in results if isinstance(r, Exception)]
+        assert len(won) == len(lost) == 1, results
+        assert lost[0].code() == grpc.StatusCode.ALREADY_EXISTS
+        assert (info.owner, info.rank) == (won[0].owner, won[0].rank)
+        assert (info.owner, info.rank) in (("a", 8), ("b", 16))
+        with Client(open_server[1]) as c:
+            c.unload_adapter(f"race{i}")
+
+
+def test_an_id_reused_before_its_cancel_lands_is_already_exists(setup, open_server):
+    engine = setup[1]
+    with Client(open_server[1]) as c:
+        with paused(engine):
+            call = c.generate_stream([4, 5, 6], max_tokens=20, ignore_eos=True,
+                                     request_id="again")
+            wait_for(lambda: "again" in open_server[0].server._running)
+            call.cancel()
+            wait_for(lambda: "again" not in open_server[0].server._running)
+            e = rpc_error(c.generate, [4, 5, 6], max_tokens=2, request_id="again")
+        assert e.code() == grpc.StatusCode.ALREADY_EXISTS and "'again'" in e.details()
+        wait_for(lambda: "again" not in engine._requests)
+        assert c.generate([4, 5, 6], max_tokens=2, request_id="again").finish_reason
+    wait_idle(engine)
+
+
+def test_a_port_in_use_is_refused_before_anything_is_built(open_server):
+    port = int(open_server[1].rsplit(":", 1)[1])
+    with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}: the port is in use"):
+        asyncio.run(JloraServer(ServerOptions(port=port)).start())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{busy} \\(the "
+                                          "metrics port\\)"):
+            asyncio.run(JloraServer(ServerOptions(port=0, metrics_port=busy)).start())
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback")
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_ipv6_loopback(setup, host):
+    server = ServerThread(setup[1], ServerOptions(host=host, port=0, metrics_port=0))
+    port = server.start()
+    try:
+        with Client(f"[::1]:{port}") as c:
+            assert c.health() == "SERVING"
+            assert c.generate([4, 5], max_tokens=2, ignore_eos=True).completion_tokens == 2
+        metrics_port = server.server._metrics_http.server_address[1]
+        with urllib.request.urlopen(f"http://[::1]:{metrics_port}/metrics", timeout=10) as r:
+            assert b"vllm:num_requests_running" in r.read()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("prompt,kwargs,message", [
+    ([1, 2], dict(max_tokens=-1), "sampling parameter max_tokens=-1 does not fit"),
+    ([1, 2], dict(seed=-1), "sampling parameter seed=-1 does not fit"),
+    ([1.5, 2], {}, "the prompt must be text, chat messages or token ids"),
+    ([True], {}, "the prompt must be text, chat messages or token ids"),
+    ([{"role": "user"}], {}, "chat message 0 is {'role': 'user'}; each must have"),
+])
+def test_the_client_names_what_it_cannot_send(prompt, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_request(prompt, **kwargs)
+    assert list(make_request(np.array([3, 4])).token_ids.ids) == [3, 4]

@@ -125,3 +125,24 @@ def test_sigterm_drains_then_exits_0(server):
     assert not errors, errors
     assert results == [(max_tokens, "length")] * n
     assert any("draining" in l for l in lines) and "jlora: stopped" in lines[-1]
+
+
+def test_sigint_during_warm_up_exits_at_once():
+    """Ctrl-C while the engine still compiles stops the process then (exit 0), rather than
+    after the warm-up it would not use."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jlora.cli", "serve", "--model", "tiny", "--port", "0",
+         "--max-seqs", "4", "--prefill-budget", "16", "--max-seq-len", "256"],
+        cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stderr:   # whatever comes before the server's first line
+            if "listening on" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        rest = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "jlora: stopped during warm-up" in rest and "serving tiny" not in rest, rest
