@@ -32,12 +32,16 @@ _HF_LAYER_NAMES = {  # jlora name -> (HF suffix under model.layers.N, transposed
 
 
 def read_json(path: Path) -> dict:
+    """A JSON file that must hold an object."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, not a {type(data).__name__}")
+    return data
 
 
 def config_from_hf(hf: dict, name: str = "hf") -> ModelConfig:
@@ -52,21 +56,43 @@ def config_from_hf(hf: dict, name: str = "hf") -> ModelConfig:
     for flag in ("attention_bias", "mlp_bias"):
         if model_type == "llama" and hf.get(flag):
             raise ValueError(f"{name}: {flag}=true is not supported for llama models")
+    def need(table: dict, key: str, where: str, kind=int):
+        """table[key] as `kind`, or a ValueError naming the key."""
+        what = "a number" if kind is float else "an integer"
+        if key not in table:
+            raise ValueError(f"{name}: config.json{where} has no key {key!r} ({what})")
+        value = table[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float
+                                                     else int):
+            raise ValueError(f"{name}: config.json{where} key {key!r} is {value!r}; it must "
+                             f"be {what}")
+        return kind(value)
+
+    for key in ("rope_parameters", "rope_scaling"):
+        if not isinstance(hf.get(key) or {}, dict):
+            raise ValueError(f"{name}: config.json key {key!r} must be an object, got "
+                             f"{hf[key]!r}")
     rope = dict(hf.get("rope_parameters") or {})
-    legacy = hf.get("rope_scaling") or {}
+    legacy = dict(hf.get("rope_scaling") or {})   # transformers 4's key: its type wins
     rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = legacy.get("rope_type", legacy.get("type")) or \
+        rope.get("rope_type", rope.get("type", "default"))
     rope.update(legacy)
-    kind = rope.get("rope_type", rope.get("type", "default"))
+    where = "'s rope scaling"
     scaling = None
     if kind == "llama3":
-        scaling = RopeScaling("llama3", float(rope["factor"]), float(rope["low_freq_factor"]),
-                              float(rope["high_freq_factor"]),
-                              int(rope["original_max_position_embeddings"]))
+        scaling = RopeScaling("llama3", need(rope, "factor", where, float),
+                              need(rope, "low_freq_factor", where, float),
+                              need(rope, "high_freq_factor", where, float),
+                              need(rope, "original_max_position_embeddings", where))
     elif kind == "linear":
-        scaling = RopeScaling("linear", float(rope["factor"]))
+        scaling = RopeScaling("linear", need(rope, "factor", where, float))
     elif kind != "default":
         raise ValueError(f"{name}: rope scaling type {kind!r} is not supported; supported: "
                          "default, linear, llama3")
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "intermediate_size"):
+        need(hf, key, "")
     n_heads = hf["num_attention_heads"]
     max_len = hf.get("max_position_embeddings", 4096)
     window = hf.get("sliding_window")
@@ -90,7 +116,11 @@ def config_from_hf(hf: dict, name: str = "hf") -> ModelConfig:
 def _weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: key 'weight_map' must map tensor names to shard "
+                             f"files, got {weight_map!r}")
+        shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
             raise FileNotFoundError(f"{index} names shards that are missing: {missing}")

