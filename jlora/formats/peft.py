@@ -40,27 +40,45 @@ def _pattern_value(patterns: dict, name: str, default):
 
 
 def _targeted(config: dict, n_layers: int, path: Path) -> set[tuple[int, str]]:
-    """The (layer, target) pairs the config says the adapter covers."""
-    targets = config.get("target_modules")
+    """The (layer, target) pairs the config says the adapter covers, as PEFT decides it
+    (its check_target_module_exists): exclude_modules first; a regex must match the whole
+    name; a list entry matches a full name exactly, or a name's last parts, and only the
+    latter are limited to layers_to_transform."""
+    targets, exclude = config.get("target_modules"), config.get("exclude_modules")
     layers = config.get("layers_to_transform")
-    layers = set(range(n_layers)) if layers is None else \
-        {layers} if isinstance(layers, int) else set(layers)
-    out = set()
-    for layer in layers:
-        for t in TARGETS:
-            name = module_name(layer, t)
-            if targets == "all-linear":
-                hit = True
-            elif isinstance(targets, str):
-                hit = re.fullmatch(targets, name) is not None
-            elif isinstance(targets, list):
-                hit = any(name == m or name.endswith("." + m) for m in targets)
-            else:
-                raise ValueError(f"{path / CONFIG}: key 'target_modules' is {targets!r}; "
-                                 "expected a list of module names, a regex or 'all-linear'")
-            if hit:
-                out.add((layer, t))
-    return out
+    names = lambda v: isinstance(v, str) or (   # noqa: E731
+        isinstance(v, list) and all(isinstance(m, str) for m in v))
+    for key, value, ok in (
+            ("target_modules", targets, names(targets)),
+            ("exclude_modules", exclude, exclude is None or names(exclude)),
+            ("layers_to_transform", layers, layers is None or isinstance(layers, int) or (
+                isinstance(layers, list) and all(isinstance(i, int) for i in layers)))):
+        if not ok:
+            what = "an integer or a list of integers" if key == "layers_to_transform" else \
+                "a list of module names, a regex" + (" or 'all-linear'" if key[0] == "t" else "")
+            raise ValueError(f"{path / CONFIG}: key {key!r} is {value!r}; expected {what}")
+
+    def suffix_of(name, entries):
+        return any(name.endswith("." + m) for m in entries)
+
+    def hit(layer: int, name: str) -> bool:
+        if exclude and (re.fullmatch(exclude, name) if isinstance(exclude, str)
+                        else name in exclude or suffix_of(name, exclude)):
+            return False
+        if targets == "all-linear":
+            return True
+        if isinstance(targets, str):
+            return re.fullmatch(targets, name) is not None
+        if name in targets:
+            return True
+        if not suffix_of(name, targets):
+            return False
+        if layers is None or layers == []:
+            return True
+        return layer == layers if isinstance(layers, int) else layer in layers
+
+    return {(layer, t) for layer in range(n_layers) for t in TARGETS
+            if hit(layer, module_name(layer, t))}
 
 
 def _check_config(config: dict, path: Path) -> None:
@@ -172,12 +190,14 @@ def write_peft(adapter: Adapter, path: str | Path, base_model: str | None = None
             tensors[f"{prefix}.lora_magnitude_vector"] = np.ascontiguousarray(m.m, np.float32)
     targets = sorted({PEFT_MODULES[t].split(".")[1] for _, t in adapter.modules})
     layers = sorted({l for l, _ in adapter.modules})
+    if len(adapter.modules) != len(targets) * len(layers):   # not every target in every layer:
+        targets, layers = sorted(ranks), None                  # name each module in full
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
         "target_modules": targets, "use_dora": adapter.variant == "dora",
         "use_rslora": False, "bias": "none", "lora_dropout": 0.0, "fan_in_fan_out": False,
         "modules_to_save": None, "init_lora_weights": True,
-        "layers_to_transform": layers, "layers_pattern": "layers",
+        "layers_to_transform": layers, "layers_pattern": "layers" if layers else None,
         "rank_pattern": {f"^{re.escape(n)}": v for n, v in ranks.items() if v != r},
         "alpha_pattern": {f"^{re.escape(n)}": v for n, v in alphas.items() if v != alpha},
         "base_model_name_or_path": base_model or adapter.info.get("base_model_name_or_path"),

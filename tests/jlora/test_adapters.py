@@ -47,6 +47,12 @@ PEFT_CASES = {
                                         layers_to_transform=[1])),
     "regex": ("llama-gqa-untied", dict(target_modules=r".*layers\.0\.(self_attn\.o|mlp\.up)_proj")),
     "qwen2-dora": ("qwen2-bias", dict(use_dora=True)),
+    "exclude": ("llama-gqa-untied", dict(exclude_modules=["k_proj", "gate_proj"])),
+    "exclude-regex": ("llama-gqa-untied", dict(exclude_modules=r".*layers\.1\.mlp\..*")),
+    # a full name is taken as it is; layers_to_transform limits only the short names
+    "full-name": ("llama-gqa-untied", dict(target_modules=["model.layers.1.self_attn.q_proj",
+                                                           "v_proj"],
+                                           layers_to_transform=[0])),
 }
 
 
@@ -199,11 +205,15 @@ def test_native_format_keeps_tied_lora_tied(base_dirs, tmp_path):
             np.testing.assert_array_equal(getattr(back.modules[key], f), getattr(mod, f))
 
 
-@pytest.mark.parametrize("dora", [False, True])
-def test_peft_export_loads_in_peft_with_the_same_logits(dora, base_dirs, tmp_path):
+@pytest.mark.parametrize("case", ["lora", "dora", "scattered"])
+def test_peft_export_loads_in_peft_with_the_same_logits(case, base_dirs, tmp_path):
+    """Written back as PEFT, an adapter loads in PEFT and in jlora with the same logits, also
+    when its modules are no layers x targets grid (q in layer 1, v in layer 0)."""
     from peft import PeftModel
-    make_peft_adapter("llama-gqa-untied", tmp_path / "ad", use_dora=dora,
-                      rank_pattern={"k_proj": 4})
+    scattered = dict(target_modules=["model.layers.1.self_attn.q_proj", "v_proj"],
+                     layers_to_transform=[0]) if case == "scattered" else {}
+    make_peft_adapter("llama-gqa-untied", tmp_path / "ad", use_dora=case == "dora",
+                      rank_pattern={"k_proj": 4}, **scattered)
     model = load_model(str(base_dirs["llama-gqa-untied"]), "float32")
     adapter = read_peft(tmp_path / "ad", model.config.n_layers, "ad")
     write_peft(adapter, tmp_path / "exported")
