@@ -128,6 +128,13 @@ def load_adapters(model, args) -> None:
         pairs.append((name, path))
     if not pairs:
         return
+    for flag, value in (("--max-loras", args.max_loras), ("--max-lora-rank", args.max_lora_rank)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: must be >= 1 (or left out: sized to the "
+                             "adapters given)")
+    if args.max_loras is not None and args.max_loras < len(pairs):
+        raise ValueError(f"--max-loras {args.max_loras} is fewer than the {len(pairs)} "
+                         "adapters given: raise it, or leave it out")
     adapters = [read_adapter(p, model.config.n_layers, n) for n, p in pairs]
     max_rank = args.max_lora_rank or max(a.max_rank for a in adapters)
     for adapter in adapters:

@@ -40,10 +40,11 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        for name in ("stop", "stop_token_ids"):   # None, one value or a sequence of them
+            value = getattr(self, name)
+            one = isinstance(value, (str, int, np.integer)) or not hasattr(value, "__iter__")
+            object.__setattr__(self, name, () if value is None else (value,) if one
+                               else tuple(value))
         _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens,
                "an integer >= 1")
         _check(_is_real(self.temperature) and math.isfinite(self.temperature)

@@ -38,6 +38,8 @@ def test_requests_file_gives_one_json_line_per_request_in_order(tmp_path, capsys
     ({"prompt_token_ids": "1 2"}, "prompt_token_ids has the wrong type"),
     ({"prompt": "hello"}, "has no tokenizer (random-weight preset)"),
     ({"prompt_token_ids": [1], "stop": ["x"]}, "stop strings need a tokenizer"),
+    ({"prompt_token_ids": [1], "stop_token_ids": "x"},
+     "reqs.jsonl:1: sampling parameter stop_token_ids=('x',) is invalid"),
 ])
 def test_bad_requests_get_one_line_naming_the_problem(tmp_path, capsys, line, message):
     code = main(["generate", "--model", "tiny", "--requests",
@@ -69,3 +71,16 @@ def test_serve_lora_kernel_option_follows_the_engine():
         assert build_parser().parse_args(["serve", "--lora-kernel", kernel]).lora_kernel == kernel
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--lora-kernel", "bgmv"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-loras", "0"], "--max-loras 0: must be >= 1"),
+    (["--max-lora-rank", "0"], "--max-lora-rank 0: must be >= 1"),
+    (["--max-loras", "1"], "--max-loras 1 is fewer than the 2 adapters given"),
+])
+def test_adapter_sizes_are_checked_before_anything_loads(capsys, flags, message):
+    argv = ["generate", "--model", "tiny", "--adapter", "a=/no/such/a", "--adapter",
+            "b=/no/such/b", *flags, "--json", "hi"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jlora: error: ") and message in err

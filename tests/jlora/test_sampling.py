@@ -81,7 +81,8 @@ def test_a_seeded_row_draws_the_same_whatever_shares_the_batch():
                                  dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
                                  dict(top_k=2**31),
                                  dict(max_tokens=0), dict(seed=-1), dict(stop=[""]),
-                                 dict(max_tokens=2.5), dict(ignore_eos="yes")])
+                                 dict(max_tokens=2.5), dict(ignore_eos="yes"),
+                                 dict(stop=5), dict(stop_token_ids="x")])
 def test_invalid_parameters_are_refused_by_name(bad):
     name = next(iter(bad))
     with pytest.raises(ValueError, match=f"sampling parameter {name}="):
@@ -104,3 +105,9 @@ def test_top_p_1_keeps_the_whole_tail():
     assert bool(jnp.isfinite(kept).all())
     nucleus = _filter_top_k_top_p(logits, jnp.array([0]), jnp.array([0.5], jnp.float32))
     assert int(jnp.isfinite(nucleus).sum()) == 1
+
+
+def test_stops_take_none_one_value_or_several():
+    assert SamplingParams(stop=None, stop_token_ids=None).stop == ()
+    assert SamplingParams(stop="ab", stop_token_ids=5).stop_token_ids == (5,)
+    assert SamplingParams(stop=["a", "b"], stop_token_ids=[1, 2]).stop == ("a", "b")
