@@ -1,8 +1,8 @@
 """Hugging Face PEFT adapter directories: adapter_config.json + adapter_model.safetensors.
 
 Reads LoRA, rsLoRA and DoRA adapters of Llama-family models, honouring r, lora_alpha,
-use_rslora, use_dora, target_modules (list, regex or "all-linear"), layers_to_transform,
-rank_pattern and alpha_pattern; refuses, naming the file and key, what it cannot serve
+use_rslora, use_dora, target_modules (list, regex or "all-linear"), exclude_modules,
+layers_to_transform, rank_pattern and alpha_pattern; refuses, naming the file and key, what it cannot serve
 exactly (modules_to_save, biases, other PEFT types, pickled weights, fan_in_fan_out). Writes
 LoRA and DoRA adapters back in the same format. Tied-LoRA has no PEFT form (see native.py).
 """
