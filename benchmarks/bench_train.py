@@ -76,10 +76,15 @@ def setup(cfg: ModelConfig, spec: AdapterSpec, batch: int, seq_len: int, dtype, 
     return params, adapters, opt, data
 
 
+def per_token(data) -> jax.Array:
+    """train_step's gradient weight for one micro-batch an update: 1 / its loss tokens."""
+    return jnp.float32(1 / (data[0].shape[0] * (data[0].shape[1] - 1)))
+
+
 def compiled_bytes(adapters, opt, params, data, key, remat: bool = False) -> dict:
     """The compiled train step's memory analysis (what XLA plans to hold at once)."""
-    m = train_step.lower(adapters, opt, params, data, key, remat=remat).compile() \
-        .memory_analysis()
+    m = train_step.lower(adapters, opt, params, data, key, per_token(data),
+                         remat=remat).compile().memory_analysis()
     total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
              - m.alias_size_in_bytes)
     return {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
@@ -91,7 +96,7 @@ def run(cfg: ModelConfig, spec: AdapterSpec, batch: int, seq_len: int, dtype, st
     params, adapters, opt, data = setup(cfg, spec, batch, seq_len, dtype)
     key = jax.random.key(7)
     planned = compiled_bytes(adapters, opt, params, data, key, remat)
-    step = functools.partial(train_step, remat=remat)
+    step = functools.partial(train_step, weight=per_token(data), remat=remat)
     t = time.perf_counter()
     step(adapters, opt, params, data, key).block_until_ready()
     first_s = time.perf_counter() - t       # compile included unless lower() cached it

@@ -10,9 +10,15 @@ from pathlib import Path
 def read_objects(path: str | Path, what: str = "file") -> list[tuple[str, dict]]:
     """(where, object) for each non-empty line; `where` is "path:line" for error messages."""
     try:
-        lines = Path(path).read_text().splitlines()
+        data = Path(path).read_bytes()
     except OSError as e:
         raise ValueError(f"cannot read {what} {path}: {e.strerror}") from None
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                         f"the {what} must be UTF-8 JSON Lines") from None
     out = []
     for n, line in enumerate(lines, 1):
         if not line.strip():

@@ -4,6 +4,8 @@ The output directory holds the adapter in jlora's native format (adapter.json +
 adapter.safetensors, the one that keeps Tied-LoRA tied) and, for LoRA and DoRA, as PEFT files
 (adapter_config.json + adapter_model.safetensors) beside them: `jlora generate --adapter
 NAME=DIR` and PEFT's `PeftModel.from_pretrained(model, DIR)` both take the directory as it is.
+A Tied-LoRA adapter has no PEFT form: PEFT files left in the directory by an earlier run are
+removed (nothing else is), so that they cannot be loaded as this adapter.
 With `--serve HOST:PORT` the adapter is then loaded into a running jlora server.
 """
 
@@ -56,35 +58,37 @@ def add_parser(sub) -> None:
     add_connection_args(p)
 
 
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
 def cmd_train(args) -> int:
-    from jlora.formats.native import write_native
-    from jlora.formats.peft import write_peft
     from jlora.loader import load_model
-    from training.data import load_jsonl, split
+    from training.data import load_jsonl
     from training.loop import TrainConfig, finetune
     from training.modules import AdapterSpec
 
     switches = {s.strip() for s in args.tied_train.split(",") if s.strip()}
     if not switches <= {"a", "b", "u", "v"}:
         raise ValueError(f"--tied-train {args.tied_train!r}: choose among a, b, u, v")
+    if args.variant == "tied" and not switches:
+        raise ValueError(f"--tied-train {args.tied_train!r} trains nothing: choose one or more "
+                         "of a, b, u, v")
     spec = AdapterSpec(args.variant, args.rank, args.alpha,
                        tuple(t.strip() for t in args.targets.split(",") if t.strip()),
                        args.rslora, args.dropout, *(c in switches for c in "abuv"))
+    config = TrainConfig(spec, args.steps, args.batch_size, args.accumulate, args.seq_len,
+                         args.lr, args.warmup, eval_every=args.eval_every, seed=args.seed,
+                         checkpoint_dir=args.checkpoint_dir, pack=args.pack,
+                         remat=args.remat)   # checked before the (slow) model load
     model = load_model(args.model, args.dtype)
     if model.tokenizer is None:
         raise ValueError(f"model {args.model!r} has no tokenizer to encode the training text")
     eos = model.config.eos_token_ids[0] if model.config.eos_token_ids else None
     examples = load_jsonl(args.data, model.tokenizer, eos, chat=not args.no_chat)
-    train, held_out = split(examples, args.held_out, args.seed)
-    config = TrainConfig(spec, args.steps, args.batch_size, args.accumulate, args.seq_len,
-                         args.lr, args.warmup, eval_every=args.eval_every, seed=args.seed,
-                         checkpoint_dir=args.checkpoint_dir, pack=args.pack,
-                         remat=args.remat)
+    train, held_out = split_for_training(examples, args.held_out, args.seed)
     name = args.name or args.out.name
     result = finetune(model, train, held_out, config, name=name)
-    write_native(result.adapter, args.out)
-    if args.variant != "tied":
-        write_peft(result.adapter, args.out, base_model=args.model)
+    write_adapter(result.adapter, args.out, args.model)
     print(json.dumps({"adapter": name, "out": str(args.out), "variant": args.variant,
                       "train_examples": len(train), "held_out": len(held_out),
                       "final_loss": result.losses[-1] if result.losses else None,
@@ -93,3 +97,26 @@ def cmd_train(args) -> int:
         from serving.cli import load_into_server
         load_into_server(args, name, args.out)
     return 0
+
+
+def split_for_training(examples: list, held_out: float, seed: int):
+    """`training.data.split`, refusing a --held-out that leaves nothing to train on."""
+    from training.data import split
+    train, kept = split(examples, held_out, seed)
+    if not train:
+        raise ValueError(f"--held-out {held_out} holds out {len(kept)} of the {len(examples)} "
+                         "examples and leaves no training example: lower it (0 keeps none)")
+    return train, kept
+
+
+def write_adapter(adapter, out: Path, base_model: str) -> None:
+    """The native files, and the PEFT files for LoRA and DoRA; for Tied-LoRA, PEFT files of an
+    earlier run in `out` are removed."""
+    from jlora.formats.native import write_native
+    from jlora.formats.peft import write_peft
+    write_native(adapter, out)
+    if adapter.variant != "tied":
+        write_peft(adapter, out, base_model=base_model)
+        return
+    for name in PEFT_FILES:
+        (Path(out) / name).unlink(missing_ok=True)

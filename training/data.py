@@ -39,26 +39,45 @@ def example(prompt_ids, completion_ids) -> Example:
 
 def encode(tokenizer: Tokenizer, record: dict, eos_id: int | None, chat: bool = True,
            where: str = "example") -> Example:
-    """One JSONL record as token ids and mask (see the module docstring)."""
+    """One JSONL record as token ids and mask (see the module docstring). The completion is
+    encoded without special tokens: a tokenizer that adds BOS would put it inside the text
+    to learn."""
     if "messages" in record:
         messages = record["messages"]
-        if not isinstance(messages, list) or len(messages) < 2 or \
-                messages[-1].get("role") != "assistant":
-            raise ValueError(f"{where}: 'messages' must be a list ending with the assistant's "
-                             "message to learn")
+        _check_messages(messages, where)
         prompt = tokenizer.encode_chat(messages[:-1])
-        completion = messages[-1].get("content")
+        completion = messages[-1]["content"]
     elif "prompt" in record and "completion" in record:
+        for key in ("prompt", "completion"):
+            if not isinstance(record[key], str):
+                raise ValueError(f"{where}: {key!r} must be a string, got {record[key]!r}")
         prompt = tokenizer.encode_chat([{"role": "user", "content": record["prompt"]}]) \
             if chat else tokenizer.encode(record["prompt"])
         completion = record["completion"]
     else:
         raise ValueError(f"{where}: needs 'prompt' and 'completion', or 'messages'; got keys "
                          f"{sorted(record)}")
-    if not isinstance(completion, str) or not completion:
+    if not completion:
         raise ValueError(f"{where}: the completion must be a non-empty string")
-    ids = tokenizer.encode(completion) + ([eos_id] if eos_id is not None else [])
+    ids = tokenizer.encode(completion, add_special_tokens=False) + (
+        [eos_id] if eos_id is not None else [])
     return example(prompt, ids)
+
+
+def _check_messages(messages, where: str) -> None:
+    """'messages': a list of at least two {"role": str, "content": str} objects, the last
+    the assistant's."""
+    if not isinstance(messages, list) or len(messages) < 2:
+        raise ValueError(f"{where}: 'messages' must be a list of at least two messages, got "
+                         f"{messages!r}")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)):
+            raise ValueError(f"{where}: messages[{i}] must be an object with string 'role' and "
+                             f"'content', got {m!r}")
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: the last message must be the assistant's (the answer to "
+                         f"learn), got role {messages[-1]['role']!r}")
 
 
 def load_jsonl(path: str | Path, tokenizer: Tokenizer, eos_id: int | None,

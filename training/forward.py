@@ -50,10 +50,22 @@ def masked_loss(logits_: jax.Array, tokens: jax.Array, mask: jax.Array,
                 segments: jax.Array | None = None) -> jax.Array:
     """Mean cross entropy of predicting tokens[:, 1:] where mask[:, 1:] is set (and, in
     packed rows, the token before is of the same example)."""
+    total, count = summed_loss(logits_, tokens, mask, segments)
+    return total / jnp.maximum(count, 1.0)
+
+
+def summed_loss(logits_: jax.Array, tokens: jax.Array, mask: jax.Array,
+                segments: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(sum of the cross entropies `masked_loss` averages, how many tokens it sums)."""
     logprobs = jax.nn.log_softmax(logits_[:, :-1], axis=-1)
     target = jnp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)[..., 0]
+    weight = loss_weight(mask, segments).astype(jnp.float32)
+    return -(target * weight).sum(), weight.sum()
+
+
+def loss_weight(mask, segments=None):
+    """[B, T - 1] bool: which next-token predictions count in the loss (numpy or jax)."""
     weight = mask[:, 1:].astype(bool)
     if segments is not None:
         weight = weight & (segments[:, 1:] == segments[:, :-1])
-    weight = weight.astype(jnp.float32)
-    return -(target * weight).sum() / jnp.maximum(weight.sum(), 1.0)
+    return weight

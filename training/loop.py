@@ -9,6 +9,7 @@ its metrics. Only the adapter's `nnx.LoRAParam`s get gradients and optimizer sta
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,8 +24,8 @@ from jlora.adapters import Adapter
 from jlora.loader import Model
 from training import checkpoint
 from training.data import Example, batches, pack
-from training.forward import masked_loss, train_logits
-from training.modules import AdapterSpec, Adapters, to_adapter
+from training.forward import loss_weight, masked_loss, summed_loss, train_logits
+from training.modules import AdapterSpec, Adapters, is_integer, to_adapter
 
 
 @dataclass(frozen=True)
@@ -48,13 +49,24 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("steps", "batch_size", "accumulate", "seq_len", "eval_every",
                      "checkpoint_every"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+            if not (is_integer(getattr(self, name)) and getattr(self, name) >= 1):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be an integer >= 1")
+        if not (is_integer(self.warmup) and self.warmup >= 0):
+            raise ValueError(f"warmup={self.warmup!r} must be an integer >= 0")
+        if not is_integer(self.seed):
+            raise ValueError(f"seed={self.seed!r} must be an integer")
         for name in ("pack", "remat"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr!r} must be > 0")
+        for name, low in (("lr", "> 0"), ("grad_clip", "> 0"), ("weight_decay", ">= 0")):
+            value = getattr(self, name)
+            if not (_is_finite(value) and (value > 0 if low == "> 0" else value >= 0)):
+                raise ValueError(f"{name}={value!r} must be a finite number {low}")
+
+
+def _is_finite(x) -> bool:
+    """A finite real number (not a bool)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -78,17 +90,25 @@ def optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 @functools.partial(nnx.jit, static_argnames="remat")
 def train_step(adapters: Adapters, opt: nnx.Optimizer, base_params, batch, key,
-               remat: bool = False):
+               weight: jax.Array, remat: bool = False) -> jax.Array:
+    """One micro-batch: the sum of its token losses (float32 scalar), whose gradient times
+    `weight` goes to the optimizer. With k micro-batches per update, weight = k / (loss
+    tokens of the whole update): optax.MultiSteps averages the k gradients, so an update's
+    gradient is that of its per-token mean loss, the same as one batch of all k micro-batches
+    (and not a mean of per-micro-batch means, which would weigh short micro-batches' tokens
+    more)."""
     tokens, mask, segments, positions = batch
 
     def loss_fn(ad):
         logits = train_logits(base_params, ad.cfg, ad, tokens, key, segments=segments,
                               positions=positions, remat=remat)
-        return masked_loss(logits, tokens, mask, segments)
+        total, _ = summed_loss(logits, tokens, mask, segments)
+        return total * weight, total
 
-    loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(adapters)
+    grads, total = nnx.grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam),
+                            has_aux=True)(adapters)
     opt.update(adapters, grads)
-    return loss
+    return total
 
 
 @nnx.jit
@@ -119,7 +139,7 @@ def finetune(model: Model, train: list[Example], held_out: list[Example],
     updates and at the end, one example per row (packing, `config.pack`, applies to the
     training batches only). The base params are read, never written."""
     if not train:
-        raise ValueError("no training examples")
+        raise ValueError("no training examples (`train` is empty)")
     if model.config.tp != 1:
         raise ValueError("train on a model loaded for one device (its config has tp="
                          f"{model.config.tp})")
@@ -128,6 +148,7 @@ def finetune(model: Model, train: list[Example], held_out: list[Example],
         print(f"warning: {cut} of {len(train) + len(held_out)} examples are longer than "
               f"seq_len={config.seq_len} and are cut; the longest has "
               f"{max(len(e.tokens) for e in (*train, *held_out))} tokens", file=sys.stderr)
+    _check_completions_fit(train, config.seq_len)
     rows = pack(train, config.seq_len) if config.pack else train
     adapters = Adapters(model.config, config.spec, model.params, nnx.Rngs(config.seed))
     opt = nnx.Optimizer(adapters, optimizer(config), wrt=nnx.LoRAParam)
@@ -137,13 +158,18 @@ def finetune(model: Model, train: list[Example], held_out: list[Example],
     result = Result(adapter=None, module=adapters, first_step=done + 1)
     start, tokens_seen = time.perf_counter(), 0
     for step in range(done + 1, config.steps + 1):
-        for micro in range(config.accumulate):
-            batch = batch_at(rows, config, step, micro, pad_id)
+        micro_batches = [batch_at(rows, config, step, micro, pad_id)
+                         for micro in range(config.accumulate)]
+        n_tokens = sum(int(loss_weight(b[1], b[2]).sum()) for b in micro_batches)
+        weight = jnp.float32(config.accumulate / max(n_tokens, 1))
+        total = 0.0
+        for micro, batch in enumerate(micro_batches):
             key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), step),
                                      micro)
-            loss = train_step(adapters, opt, model.params, batch, key, remat=config.remat)
-            tokens_seen += int(batch[1].sum())
-        result.losses.append(float(loss))
+            total += train_step(adapters, opt, model.params, batch, key, weight,
+                                remat=config.remat)
+        tokens_seen += n_tokens
+        result.losses.append(float(total) / max(n_tokens, 1))   # the update's per-token loss
         if held_out and (step % config.eval_every == 0 or step == config.steps):
             result.evals.append({"step": step, **evaluate(adapters, model.params, held_out,
                                                           config, pad_id)})
@@ -158,6 +184,17 @@ def finetune(model: Model, train: list[Example], held_out: list[Example],
         print(file=sys.stderr)
     result.adapter = to_adapter(adapters, name)
     return result
+
+
+def _check_completions_fit(train: list[Example], seq_len: int) -> None:
+    """Refuse training data of which seq_len keeps no completion token: the loss would be 0
+    and nothing would train. (A token at index j is learned when 1 <= j < seq_len.)"""
+    if any(e.mask[1:seq_len].any() for e in train):
+        return
+    prompts = [int(np.argmax(e.mask)) if e.mask.any() else len(e.tokens) for e in train]
+    raise ValueError(f"seq_len={seq_len} leaves no completion token of any training example to "
+                     f"learn: the prompts (chat template included) have {min(prompts)} to "
+                     f"{max(prompts)} tokens; raise seq_len above the prompt lengths")
 
 
 def batch_at(examples: list[Example], config: TrainConfig, step: int, micro: int,

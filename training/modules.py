@@ -35,7 +35,8 @@ VARIANTS = ("lora", "dora", "tied")
 @dataclass(frozen=True)
 class AdapterSpec:
     """What to train. Tied-LoRA's switches pick which of A, B, u, v train (the paper's
-    configurations); alpha defaults to the rank (scale 1), as the Tied-LoRA paper sets it."""
+    configurations; at least one must); alpha defaults to the rank (scale 1), as the
+    Tied-LoRA paper sets it."""
 
     variant: str = "lora"
     rank: int = 8
@@ -51,14 +52,28 @@ class AdapterSpec:
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"variant {self.variant!r} is not one of {VARIANTS}")
-        if not (isinstance(self.rank, int) and 1 <= self.rank <= 256):
+        if not (is_integer(self.rank) and 1 <= self.rank <= 256):
             raise ValueError(f"rank={self.rank!r} must be an integer in [1, 256]")
+        if self.alpha is not None and not (_is_real(self.alpha) and 0 < self.alpha < math.inf):
+            raise ValueError(f"alpha={self.alpha!r} must be a finite number > 0 (or None for "
+                             "the default)")
+        if not isinstance(self.targets, (tuple, list)):
+            raise ValueError(f"targets={self.targets!r} must be a tuple of module names "
+                             f"among {list(TARGETS)}, e.g. ('q', 'v'), not a "
+                             f"{type(self.targets).__name__}")
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:
             raise ValueError(f"targets {list(self.targets)} must be a non-empty subset of "
                              f"{list(TARGETS)}")
-        if not 0 <= self.dropout < 1:
+        if not (_is_real(self.dropout) and 0 <= self.dropout < 1):
             raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
+        for name in ("rslora", "train_a", "train_b", "train_u", "train_v"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
+        if self.variant == "tied" and not (self.train_a or self.train_b or self.train_u
+                                           or self.train_v):
+            raise ValueError("Tied-LoRA with train_a, train_b, train_u and train_v all False "
+                             "trains nothing: turn on at least one")
 
     @property
     def scale(self) -> float:
@@ -67,22 +82,45 @@ class AdapterSpec:
         return alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
+def is_integer(x) -> bool:
+    """An int that is not a bool (True would pass as 1)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 class Adapters(nnx.Module):
+    """Initial values: as PEFT, A kaiming-uniform and B zero, so a fresh adapter changes
+    nothing. A Tied-LoRA whose B is frozen would then never train (its output and every
+    gradient stay 0), so there B is random too (kaiming-uniform over its rank inputs), as in
+    Tied-LoRA's frozen-matrix configurations, and the first trainable of v, u, A starts at
+    zero instead, which keeps the fresh adapter a no-op (as VeRA zeroes its output vector)."""
+
     def __init__(self, cfg: ModelConfig, spec: AdapterSpec, base_params: dict, rngs: nnx.Rngs):
         self.cfg, self.spec = cfg, spec
         L, r, shapes = cfg.n_layers, spec.rank, target_shapes(cfg)
         tied = spec.variant == "tied"
+        random_b = tied and not spec.train_b
+        zero = None if not random_b else next(
+            name for name, on in (("v", spec.train_v), ("u", spec.train_u), ("a", spec.train_a))
+            if on)
         for t in spec.targets:
             n_in, n_out = shapes[t]
             lead = () if tied else (L,)
-            bound = 1 / math.sqrt(n_in)          # PEFT: kaiming-uniform A, zero B
-            a = jax.random.uniform(rngs.params(), (*lead, r, n_in), jnp.float32, -bound, bound)
-            b = jnp.zeros((*lead, n_out, r), jnp.float32)
+            a = _kaiming_uniform(rngs.params(), (*lead, r, n_in))
+            b = _kaiming_uniform(rngs.params(), (*lead, n_out, r)) if random_b else \
+                jnp.zeros((*lead, n_out, r), jnp.float32)
+            if zero == "a":
+                a = jnp.zeros_like(a)
             setattr(self, f"a_{t}", _var(a, not tied or spec.train_a))
             setattr(self, f"b_{t}", _var(b, not tied or spec.train_b))
             if tied:
-                setattr(self, f"u_{t}", _var(jnp.ones((L, r), jnp.float32), spec.train_u))
-                setattr(self, f"v_{t}", _var(jnp.ones((L, n_out), jnp.float32), spec.train_v))
+                u = jnp.full((L, r), float(zero != "u"), jnp.float32)
+                v = jnp.full((L, n_out), float(zero != "v"), jnp.float32)
+                setattr(self, f"u_{t}", _var(u, spec.train_u))
+                setattr(self, f"v_{t}", _var(v, spec.train_v))
             if spec.variant == "dora":  # m starts at ||W|| (B = 0): the scale starts at 1
                 m = jnp.stack([_column_norms(base_weight(base_params, cfg, i, t))
                                for i in range(L)])
@@ -101,6 +139,12 @@ class Adapters(nnx.Module):
         if self.spec.variant == "dora":
             mod["m"] = get("m")[layer]
         return mod
+
+
+def _kaiming_uniform(key, shape: tuple[int, ...]) -> jax.Array:
+    """Uniform in +-1/sqrt(fan in), fan in the last dimension (PEFT's init of A)."""
+    bound = 1 / math.sqrt(shape[-1])
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
 def _var(x, trainable: bool):

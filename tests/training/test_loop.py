@@ -117,9 +117,85 @@ def test_remat_gives_the_same_step_and_keeps_only_layer_inputs():
             params, cfg, nnx.merge(graph, t, rest), tokens, key, remat=remat), tokens, mask),
             trained))
         opt = nnx.Optimizer(adapters, optimizer(TrainConfig(spec)), wrt=nnx.LoRAParam)
-        losses.append(float(train_step(adapters, opt, params, batch, key, remat=remat)))
+        weight = jnp.float32(1 / mask[:, 1:].sum())
+        losses.append(float(train_step(adapters, opt, params, batch, key, weight, remat=remat)))
         updated.append(jax.tree.leaves(nnx.state(adapters, nnx.LoRAParam)))
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-6)
     for a, b in zip(*updated, strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
     assert kept[1] < 0.35 * kept[0], kept
+
+
+def test_accumulation_is_the_same_update_as_one_big_batch():
+    """batch 8 x accumulate 1 and batch 4 x accumulate 2 see the same 8 examples per update
+    (`batch_at`); with completions of 1 or 8 tokens the two micro-batches hold different
+    token counts, and still the update is the per-token mean over all 8: the same weights,
+    and the same reported loss (the update's, not the last micro-batch's)."""
+    from training.forward import loss_weight
+    from training.loop import batch_at
+    model = Model(CFG, init_params(CFG, jax.random.key(0), jnp.float32), None, "tiny")
+    rng = np.random.default_rng(0)
+    train = [example(rng.integers(10, 200, 4).tolist(),
+                     rng.integers(300, 310, 1 if i % 3 else 8).tolist()) for i in range(16)]
+    results = []
+    for batch_size, accumulate in ((8, 1), (4, 2)):
+        config = TrainConfig(AdapterSpec("lora", rank=4), steps=2, batch_size=batch_size,
+                             accumulate=accumulate, seq_len=12, lr=1e-2, warmup=1)
+        results.append(finetune(model, train, [], config, progress=False))
+    counts = [int(loss_weight(*batch_at(train, config, 2, m)[1:3]).sum()) for m in range(2)]
+    assert counts[0] != counts[1], counts          # else the old averaging was right too
+    one, two = results
+    np.testing.assert_allclose(two.losses, one.losses, rtol=1e-5)
+    for key, mod in one.adapter.modules.items():
+        np.testing.assert_allclose(two.adapter.modules[key].b, mod.b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(two.adapter.modules[key].a, mod.a, rtol=1e-4, atol=1e-6)
+
+
+def test_a_seq_len_that_cuts_every_completion_is_refused(capsys):
+    """Prompts of 6 and 7 tokens at seq_len 6: no completion token is learned (the loss
+    would be 0 and nothing would train), so finetune refuses; at seq_len 7 one example
+    keeps its answer, and training runs with the warning for cut examples."""
+    import pytest
+    model = Model(CFG, init_params(CFG, jax.random.key(0), jnp.float32), None, "tiny")
+    train = [example(list(range(10, 16)), [300, 2]), example(list(range(10, 17)), [301, 2])]
+    with pytest.raises(ValueError, match=r"seq_len=6 leaves no completion token of any "
+                                         r"training example to learn: the prompts \(chat "
+                                         r"template included\) have 6 to 7 tokens"):
+        finetune(model, train, [], TrainConfig(steps=1, batch_size=2, seq_len=6),
+                 progress=False)
+    result = finetune(model, train, [], TrainConfig(steps=1, batch_size=2, seq_len=7),
+                      progress=False)
+    assert result.losses[0] > 0
+    assert "2 of 2 examples are longer than seq_len=7" in capsys.readouterr().err
+
+
+def test_tied_lora_with_b_frozen_still_trains():
+    """B frozen at zero would make every gradient 0 and training a no-op: with train_b off,
+    B is random (v, u or A starts at 0 instead), the trained factors move and the loss falls."""
+    model = Model(CFG, init_params(CFG, jax.random.key(0), jnp.float32), None, "tiny")
+    train = task(32, 3)
+    for switches in ("uv", "a"):
+        spec = AdapterSpec("tied", rank=4, **{f"train_{c}": c in switches for c in "abuv"})
+        result = finetune(model, train, [], TrainConfig(spec, steps=6, batch_size=16,
+                                                        seq_len=8, lr=5e-2, warmup=1),
+                          progress=False)
+        mod = result.adapter.modules[(0, "q")]
+        moved = mod.w if "v" in switches else mod.a
+        assert np.abs(moved).max() > 1e-3, switches
+        assert result.losses[-1] < result.losses[0], (switches, result.losses)
+
+
+def test_bad_train_configs_are_refused():
+    import pytest
+    for kwargs, message in [
+            ({"warmup": -5}, "warmup=-5 must be an integer >= 0"),
+            ({"lr": float("inf")}, "lr=inf must be a finite number > 0"),
+            ({"lr": 0.0}, "lr=0.0 must be a finite number > 0"),
+            ({"grad_clip": -1.0}, "grad_clip=-1.0 must be a finite number > 0"),
+            ({"weight_decay": -1.0}, "weight_decay=-1.0 must be a finite number >= 0"),
+            ({"steps": True}, "steps=True must be an integer >= 1"),
+            ({"batch_size": True}, "batch_size=True must be an integer >= 1"),
+            ({"seq_len": 8.0}, "seq_len=8.0 must be an integer >= 1")]:
+        with pytest.raises(ValueError) as e:
+            TrainConfig(**kwargs)
+        assert str(e.value) == message

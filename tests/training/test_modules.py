@@ -71,3 +71,36 @@ def test_bad_specs_are_refused():
         AdapterSpec(rank=0)
     with pytest.raises(ValueError, match=r"targets \['qq'\]"):
         AdapterSpec(targets=("qq",))
+    for kwargs, message in [
+            ({"alpha": 0.0}, "alpha=0.0 must be a finite number > 0 (or None for the default)"),
+            ({"alpha": -16}, "alpha=-16 must be a finite number > 0"),
+            ({"alpha": float("nan")}, "alpha=nan must be a finite number > 0"),
+            ({"rank": True}, "rank=True must be an integer in [1, 256]"),
+            ({"targets": "q"}, "targets='q' must be a tuple of module names among"),
+            ({"rslora": 1}, "rslora=1 must be True or False"),
+            ({"variant": "tied", "train_a": False, "train_b": False, "train_u": False,
+              "train_v": False}, "Tied-LoRA with train_a, train_b, train_u and train_v all "
+                                 "False trains nothing")]:
+        with pytest.raises(ValueError) as e:
+            AdapterSpec(**kwargs)
+        assert message in str(e.value)
+
+
+@pytest.mark.parametrize("switches", ["auv", "uv", "au", "u", "a"])
+def test_tied_lora_with_b_frozen_starts_as_a_no_op_with_gradients(base, switches):
+    """B frozen at zero would never train; frozen B is random instead and a trainable
+    factor starts at zero: the fresh adapter changes nothing, and it gets a gradient."""
+    from training.forward import masked_loss
+    spec = AdapterSpec("tied", rank=4, **{f"train_{c}": c in switches for c in "abuv"})
+    ad = Adapters(CFG, spec, base, nnx.Rngs(0))
+    assert np.abs(np.asarray(ad.b_q[...])).min() > 0
+    tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, CFG.vocab_size)
+    np.testing.assert_allclose(train_logits(base, CFG, ad, tokens),
+                               full_logits(base, CFG, tokens), rtol=1e-5, atol=1e-5)
+    graph, trained, rest = nnx.split(ad, nnx.LoRAParam, ...)
+    grads = jax.grad(lambda t: masked_loss(train_logits(base, CFG, nnx.merge(graph, t, rest),
+                                                        tokens), tokens,
+                                           jnp.ones_like(tokens, bool)))(trained)
+    # the factor that starts at zero gets a gradient (the others may wait for it, as LoRA's
+    # A waits for B)
+    assert max(np.abs(np.asarray(g)).max() for g in jax.tree.leaves(grads)) > 1e-6
