@@ -60,6 +60,7 @@ class Entry:
     misses: int = 0
     load_seconds: list = field(default_factory=list)
     error: str | None = None    # the last load's failure
+    stamp: tuple | None = None  # its directory's files (name, size, mtime) when registered
 
     @property
     def residency(self) -> str:
@@ -101,7 +102,7 @@ class AdapterCache:
                 raise ValueError(f"adapter {entry.name!r} has rank {entry.rank}; the largest "
                                  f"adapter slot holds rank {max(self.capacity.values())}")
             pins = sum(e.pinned for e in self.entries.values() if e is not old)
-            if limits and entry.pinned and pins + 1 > max(1, self.n_slots - 1):
+            if limits and entry.pinned and pins + 1 > self.n_slots - 1:
                 raise ValueError(f"cannot pin {entry.name!r}: {pins} of the {self.n_slots} "
                                  "adapter slots are pinned already, and one must stay free "
                                  "for the others")
@@ -294,11 +295,14 @@ class AdapterCache:
             return True
 
     def failed(self, entry: Entry, error: str) -> None:
+        """A load failed: the slot is freed and the error kept. A pinned entry is not sent
+        for again by itself (it would reread a broken file at every step); the next request
+        that wants it tries again."""
         with self.lock:
             entry.error = error
             self._free_slot(entry)
-            if entry.pinned:
-                self.unplaced_pins.add(entry)
+            self.unplaced_pins.discard(entry)
+            self._forget_if_unused(entry)
 
     # ------------------------------------------------------------------ host tier
     def _host_entries(self) -> list[Entry]:
@@ -317,6 +321,9 @@ class AdapterCache:
         for e in sorted(self._host_entries(), key=lambda e: e.host_used):
             if over <= 0:
                 break
-            if e is not entry and e.path is not None:
+            # a replaced version that requests still need keeps its copy: its directory
+            # may hold the new version's files by now
+            needed = not e.registered and (e.bound or e.users)
+            if e is not entry and e.path is not None and not needed:
                 e.adapter = e.packed = None
                 over -= e.nbytes

@@ -137,12 +137,13 @@ class AdapterStore:
         if not isinstance(name, str) or not name or "=" in name or len(name) > 200:
             raise ValueError(f"adapter name {name!r} must be 1-200 characters without '='")
         if isinstance(source, Adapter):
-            adapter, path = source, None
+            adapter, path, stamp = source, None, None
         elif not isinstance(source, (str, Path)):
             raise ValueError(f"adapter source {source!r} must be a directory path or an "
                              "Adapter")
         else:
             path = Path(source)
+            stamp = dir_stamp(path)
             adapter = read_adapter(path, self.bank.cfg.n_layers, name)
         adapter.name = name
         self.bank.check(adapter)
@@ -153,7 +154,7 @@ class AdapterStore:
         packed = self._pack(adapter, capacity)
         return Entry(name=name, version=1, path=path, variant=adapter.variant, rank=rank,
                      targets=adapter.targets, nbytes=adapter.nbytes() + packed.nbytes,
-                     adapter=adapter, packed=packed, pinned=pin)
+                     adapter=adapter, packed=packed, pinned=pin, stamp=stamp)
 
     def scan(self, directory: str | Path, workers: int | None = None) -> list[str]:
         """Register each adapter directory in `directory` under its directory name, in name
@@ -254,7 +255,12 @@ class AdapterStore:
         return failed
 
     def pending(self) -> bool:
-        """Is there anything for `commit` to do (cheap: called every step)?"""
+        """Has a load finished that `commit` should write (cheap: called every step)? Pins
+        still without a slot are retried at every commit too, but do not keep the engine's
+        loop from waiting (it wakes at least every 50 ms)."""
+        return bool(self._done)
+
+    def needs_commit(self) -> bool:
         return bool(self._done or self.cache.unplaced_pins)
 
     def warm_up(self) -> None:
@@ -307,6 +313,9 @@ class AdapterStore:
         adapter, packed = entry.adapter, entry.packed
         try:
             if adapter is None:
+                if entry.stamp is not None and dir_stamp(entry.path) != entry.stamp:
+                    raise ValueError(f"its files changed after version {entry.version} was "
+                                     "registered (register new files with replace=True)")
                 adapter = read_adapter(entry.path, self.bank.cfg.n_layers, entry.name)
                 packed = self._pack(adapter, self.bank.slot_ranks[slot])
                 self.cache.keep_host(entry, adapter, packed)
@@ -320,6 +329,16 @@ class AdapterStore:
             self._done.append(result)
         if self.on_done is not None:   # the engine's loop may be waiting for this load
             self.on_done()
+
+
+def dir_stamp(path: Path) -> tuple | None:
+    """What a directory's files are now (name, size, mtime) - None if it cannot be read - so
+    that a reload can tell whether they are still the ones registered."""
+    try:
+        return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                            for p in Path(path).iterdir() if p.is_file()))
+    except OSError:
+        return None
 
 
 def _run_loader(store_ref: weakref.ref, cache: AdapterCache) -> None:

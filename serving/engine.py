@@ -330,7 +330,7 @@ class Engine:
         """Plan and dispatch one step, then read back the previous one. Returns whether
         any work is left (queued, running or in flight)."""
         t0 = time.perf_counter()
-        if self.adapters is not None and self.adapters.pending():
+        if self.adapters is not None and self.adapters.needs_commit():
             self._commit_adapters()
         with self._lock:
             for r in self._inbox:

@@ -174,3 +174,40 @@ def test_slots_of_several_rank_capacities():
     with pytest.raises(ValueError, match="'huge' has rank 32; the largest adapter slot holds "
                                          "rank 16"):
         cache.register(huge)
+
+
+def test_the_only_slot_cannot_be_pinned():
+    cache = AdapterCache(n_slots=1, host_bytes=10_000)
+    with pytest.raises(ValueError, match="cannot pin 'a': 0 of the 1 adapter slots are pinned "
+                                         "already, and one must stay free"):
+        cache.register(entry("a", pinned=True))
+
+
+def test_a_failed_pinned_load_is_not_sent_for_again_by_itself():
+    """It would reread a broken file at every step (and keep the engine's loop from ever
+    waiting); its error stays visible, and a request that wants it tries again."""
+    cache = AdapterCache(n_slots=2, host_bytes=10_000)
+    p = entry("p", pinned=True)
+    cache.register(p)
+    assert p in cache.unplaced_pins and cache.want(p) and cache.next_job(timeout=0) is p
+    cache.failed(p, "broken")
+    assert p not in cache.unplaced_pins and p.residency == "disk" and p.error == "broken"
+    assert cache.want(p) and p.residency == "loading"
+
+
+def test_a_replaced_version_still_needed_keeps_its_host_copy():
+    """Its directory may hold the new version's files by now: the copy in memory is the
+    only old one left, so the host LRU passes it over until its requests are done."""
+    cache = AdapterCache(n_slots=1, host_bytes=250)
+    old = entry("x")
+    cache.register(old)
+    cache.keep_host(old, object())
+    cache.bind("x")                                  # a request accepted before the replace
+    cache.register(entry("x"), replace=True)
+    for name in "ab":
+        e = entry(name)
+        cache.register(e)
+        cache.keep_host(e, object())
+    assert old.residency == "host" and cache.get("a").residency == "disk"   # a went instead
+    cache.unbind(old)                                # its request is done: let go
+    assert old not in cache.retired

@@ -318,3 +318,45 @@ def test_loop_waits_instead_of_spinning_while_requests_wait_for_a_load(setup):
     # ~10 wake-ups of the 50 ms idle wait during the load, then ~6 steps to generate 4
     # tokens; a spinning loop plans thousands of empty steps in 0.5 s
     assert steps < 40, f"{steps} steps while one request waited 0.5 s for its adapter"
+
+
+def test_retrained_in_place_then_replaced(setup, tmp_path):
+    """The usual flow: new files written over the adapter's directory, then replace=True.
+    A request accepted before the replace finishes with the old version when a copy of it is
+    left (in memory), and ends with an error naming the cause when none is (its slot went
+    and the host tier let go): never with the new files under the old version's name."""
+    root, params = setup
+    eng = Engine(Model(CFG, params, None, "tiny"), replace(CONFIG, max_loras=1))
+    try:
+        v1, v2 = make_adapter(11), make_adapter(11, seed=99)
+        greedy = SamplingParams(max_tokens=6, ignore_eos=True)
+        eng.adapters.load("ad1", root / "ad1")
+        outcomes = []
+        for keep_copy in (True, False):
+            d = tmp_path / f"x{keep_copy}"
+            write_native(v1, d)
+            eng.adapters.load("x", d, replace=True)
+            hog = eng.submit([3, 4], SamplingParams(max_tokens=30, ignore_eos=True),
+                             adapter="ad1")
+            for _ in range(3):
+                eng.step()                          # ad1 holds the only slot
+            old = eng.submit([5, 6, 7], greedy, adapter="x")   # bound to v1, waiting
+            eng.step()
+            if not keep_copy:
+                eng.adapters.cache.get("x").adapter = None     # as if the host tier let go
+            time.sleep(0.01)                        # a new mtime, whatever the clock's grain
+            write_native(v2, d)
+            eng.adapters.load("x", d, replace=True)
+            new = eng.submit([5, 6, 7], greedy, adapter="x")
+            eng.run_until_idle()
+            assert hog.result().finish_reason == "length"
+            outcomes.append((old.result(), new.result()))
+        oracle = Oracle(params)
+        want_v1 = oracle([5, 6, 7], greedy, v1).token_ids
+        want_v2 = oracle([5, 6, 7], greedy, v2).token_ids
+        (kept, new_kept), (lost, new_lost) = outcomes
+        assert kept.token_ids == want_v1 != want_v2
+        assert lost.finish_reason == "error" and "its files changed" in lost.error
+        assert new_kept.token_ids == new_lost.token_ids == want_v2
+    finally:
+        eng.close()
