@@ -101,11 +101,18 @@ class AdapterCache:
             if entry.rank > max(self.capacity.values()):
                 raise ValueError(f"adapter {entry.name!r} has rank {entry.rank}; the largest "
                                  f"adapter slot holds rank {max(self.capacity.values())}")
-            pins = sum(e.pinned for e in self.entries.values() if e is not old)
-            if limits and entry.pinned and pins + 1 > self.n_slots - 1:
-                raise ValueError(f"cannot pin {entry.name!r}: {pins} of the {self.n_slots} "
-                                 "adapter slots are pinned already, and one must stay free "
-                                 "for the others")
+            pins = [e for e in self.entries.values() if e.pinned and e is not old]
+            if limits and entry.pinned and len(pins) + 1 > self.n_slots - 1:
+                raise ValueError(f"cannot pin {entry.name!r}: {len(pins)} of the "
+                                 f"{self.n_slots} adapter slots are pinned already, and one "
+                                 "must stay free for the others")
+            top, below = self._top_capacity()
+            big_pins = sum(e.rank > below for e in pins)
+            if limits and entry.pinned and entry.rank > below and \
+                    big_pins + 1 > sum(c == top for c in self.capacity.values()) - 1:
+                raise ValueError(f"cannot pin {entry.name!r}: its rank {entry.rank} needs one "
+                                 f"of the slots of rank {top}, and one of those must stay "
+                                 f"free for adapters of ranks above {below}")
             if limits and entry.path is None and entry.adapter is not None:
                 pinned_bytes = sum(e.nbytes for e in self._host_entries() if e.path is None)
                 if pinned_bytes + entry.nbytes > self.host_bytes:
@@ -212,9 +219,9 @@ class AdapterCache:
             if entry.slot is not None:
                 return True
             entry.misses += 1
-            slot = self._free_slot_number(entry.rank)
+            slot = self._free_slot_number(entry)
             if slot is None:
-                victim = self._victim(entry.rank, evict_wanted)
+                victim = self._victim(entry, evict_wanted)
                 if victim is None:
                     if evict_wanted:
                         self._drain(entry.rank)
@@ -237,15 +244,31 @@ class AdapterCache:
             self.slots[slot] = entry
             self.unplaced_pins.discard(entry)
 
-    def _free_slot_number(self, rank: int) -> int | None:
-        """The free slot of the least capacity that holds `rank`."""
-        free = [s for s, r in self.capacity.items() if s not in self.slots and r >= rank]
+    def _top_capacity(self) -> tuple[int, int]:
+        """The largest slot capacity, and the largest below it (0 if all slots are equal)."""
+        top = max(self.capacity.values())
+        return top, max((c for c in self.capacity.values() if c < top), default=0)
+
+    def _last_top_slot(self, slot: int) -> bool:
+        """Is `slot` the last slot of the largest capacity that no pin holds? A pin there
+        would leave adapters of the largest ranks no slot for good."""
+        top, _ = self._top_capacity()
+        return self.capacity[slot] == top and all(
+            s == slot or (s in self.slots and self.slots[s].pinned)
+            for s, c in self.capacity.items() if c == top)
+
+    def _fits(self, slot: int, entry: Entry) -> bool:
+        return self.capacity[slot] >= entry.rank and not (
+            entry.pinned and self._last_top_slot(slot))
+
+    def _free_slot_number(self, entry: Entry) -> int | None:
+        """The free slot of the least capacity that holds `entry`."""
+        free = [s for s in self.capacity if s not in self.slots and self._fits(s, entry)]
         return min(free, key=self.capacity.get, default=None)
 
-    def _victim(self, rank: int, evict_wanted: bool) -> Entry | None:
+    def _victim(self, entry: Entry, evict_wanted: bool) -> Entry | None:
         idle = [e for e in self.slots.values()
-                if e.on_gpu and not e.users and not e.pinned
-                and self.capacity[e.slot] >= rank
+                if e.on_gpu and not e.users and not e.pinned and self._fits(e.slot, entry)
                 and (evict_wanted or e.bound == 0 or not e.registered)]
         # retired first, then those no waiting request needs, then least recently used
         return min(idle, key=lambda e: (e.registered, e.bound > 0, e.last_used), default=None)

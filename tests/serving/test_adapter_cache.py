@@ -7,9 +7,9 @@ import pytest
 from serving.adapter_cache import AdapterCache, Entry, UnknownAdapter
 
 
-def entry(name, nbytes=100, path="disk", adapter=None, pinned=False):
+def entry(name, nbytes=100, path="disk", adapter=None, pinned=False, rank=8):
     return Entry(name=name, version=1, path=Path(path) / name if path else None,
-                 variant="lora", rank=8, targets=("q",), nbytes=nbytes, adapter=adapter,
+                 variant="lora", rank=rank, targets=("q",), nbytes=nbytes, adapter=adapter,
                  pinned=pinned)
 
 
@@ -211,3 +211,25 @@ def test_a_replaced_version_still_needed_keeps_its_host_copy():
     assert old.residency == "host" and cache.get("a").residency == "disk"   # a went instead
     cache.unbind(old)                                # its request is done: let go
     assert old not in cache.retired
+
+
+def test_pins_leave_a_slot_of_the_largest_rank():
+    """Slots of ranks 4 and 8: a small pinned adapter takes the small slot (its idle
+    occupant goes) rather than the only rank-8 one, and a rank-8 pin is refused, so
+    adapters of rank 8 always have a slot."""
+    cache = AdapterCache(n_slots=2, host_bytes=10_000, slot_ranks=(4, 8))
+    a = entry("a", rank=4)
+    cache.register(a)
+    loaded(cache, a)
+    assert a.slot == 1
+    with pytest.raises(ValueError, match="cannot pin 'q': its rank 8 needs one of the slots "
+                                         "of rank 8, and one of those must stay free"):
+        cache.register(entry("q", rank=8, pinned=True))
+    p = entry("p", rank=2, pinned=True)
+    cache.register(p)
+    loaded(cache, p)
+    assert (p.slot, a.slot) == (1, None)
+    big = entry("big", rank=8)
+    cache.register(big)
+    loaded(cache, big)
+    assert big.slot == 2
