@@ -422,9 +422,11 @@ async def serve(options: ServerOptions, keys: KeyRing,
         loop.add_signal_handler(sig, stop.set)
     port = await server.start()
     log(f"jlora: listening on {host_port(options.host, port)}, warming up")
-    built = concurrent.futures.Future()   # built in a daemon thread: a signal during warm-up
-    threading.Thread(target=_run_into, args=(build, built), name="jlora-build",  # need not
-                     daemon=True).start()                                       # wait for it
+    # the engine is built in a daemon thread, so that a signal during the warm-up need not
+    # wait for the build to end
+    built = concurrent.futures.Future()
+    threading.Thread(target=_run_into, args=(build, built), name="jlora-build",
+                     daemon=True).start()
     stopped = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait({asyncio.wrap_future(built), stopped},
                                  return_when=asyncio.FIRST_COMPLETED)
