@@ -36,6 +36,7 @@ import numpy as np
 
 from jlora.adapters import Adapter, ModuleAdapter, target_shapes
 from jlora.bank import EMPTY, AdapterBank, Packed, dora_scale, slot_bytes
+from jlora.formats import native, peft
 from jlora.formats.native import read_adapter
 from serving.adapter_cache import AdapterCache, Entry, UnknownAdapter
 
@@ -331,12 +332,16 @@ class AdapterStore:
             self.on_done()
 
 
+ADAPTER_FILES = (native.META, native.WEIGHTS, peft.CONFIG, peft.WEIGHTS)
+
+
 def dir_stamp(path: Path) -> tuple | None:
-    """What a directory's files are now (name, size, mtime) - None if it cannot be read - so
-    that a reload can tell whether they are still the ones registered."""
+    """What an adapter directory's files are now (name, size, mtime of those an adapter is
+    read from; None if the directory cannot be read), so that a reload can tell whether
+    they are still the ones registered."""
     try:
         return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                            for p in Path(path).iterdir() if p.is_file()))
+                            for p in Path(path).iterdir() if p.name in ADAPTER_FILES))
     except OSError:
         return None
 
