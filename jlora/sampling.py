@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora.values import is_int, is_real
+
 
 GREEDY_BELOW = 1e-5   # temperatures under this sample greedily (logits / 1e-38 overflow)
 
@@ -45,20 +47,20 @@ class SamplingParams:
             one = isinstance(value, (str, int, np.integer)) or not hasattr(value, "__iter__")
             object.__setattr__(self, name, () if value is None else (value,) if one
                                else tuple(value))
-        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens,
+        _check(is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens,
                "an integer >= 1")
-        _check(_is_real(self.temperature) and math.isfinite(self.temperature)
+        _check(is_real(self.temperature) and math.isfinite(self.temperature)
                and self.temperature >= 0, "temperature", self.temperature,
                "a finite number >= 0 (0 = greedy)")
-        _check(_is_real(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p,
+        _check(is_real(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p,
                "a number in (0, 1]")
-        _check(_is_int(self.top_k) and 0 <= self.top_k < 2**31, "top_k", self.top_k,
+        _check(is_int(self.top_k) and 0 <= self.top_k < 2**31, "top_k", self.top_k,
                "an integer in [0, 2**31) (0 = no top-k)")
-        _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**64), "seed",
+        _check(self.seed is None or (is_int(self.seed) and 0 <= self.seed < 2**64), "seed",
                self.seed, "an integer in [0, 2**64)")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
                "non-empty strings")
-        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+        _check(all(is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                self.stop_token_ids, "non-negative integers")
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "true or false")
         if self.temperature < GREEDY_BELOW:
@@ -66,14 +68,6 @@ class SamplingParams:
 
     def replace(self, **changes) -> SamplingParams:
         return dataclasses.replace(self, **changes)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
 def _check(ok: bool, name: str, value, allowed: str):

@@ -22,10 +22,11 @@ from flax import nnx
 
 from jlora.adapters import Adapter
 from jlora.loader import Model
+from jlora.values import is_int, is_real
 from training import checkpoint
 from training.data import Example, batches, pack
 from training.forward import loss_weight, masked_loss, summed_loss, train_logits
-from training.modules import AdapterSpec, Adapters, is_integer, to_adapter
+from training.modules import AdapterSpec, Adapters, to_adapter
 
 
 @dataclass(frozen=True)
@@ -49,24 +50,20 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("steps", "batch_size", "accumulate", "seq_len", "eval_every",
                      "checkpoint_every"):
-            if not (is_integer(getattr(self, name)) and getattr(self, name) >= 1):
+            if not (is_int(getattr(self, name)) and getattr(self, name) >= 1):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be an integer >= 1")
-        if not (is_integer(self.warmup) and self.warmup >= 0):
+        if not (is_int(self.warmup) and self.warmup >= 0):
             raise ValueError(f"warmup={self.warmup!r} must be an integer >= 0")
-        if not is_integer(self.seed):
+        if not is_int(self.seed):
             raise ValueError(f"seed={self.seed!r} must be an integer")
         for name in ("pack", "remat"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         for name, low in (("lr", "> 0"), ("grad_clip", "> 0"), ("weight_decay", ">= 0")):
             value = getattr(self, name)
-            if not (_is_finite(value) and (value > 0 if low == "> 0" else value >= 0)):
+            if not (is_real(value) and math.isfinite(value)
+                    and (value > 0 if low == "> 0" else value >= 0)):
                 raise ValueError(f"{name}={value!r} must be a finite number {low}")
-
-
-def _is_finite(x) -> bool:
-    """A finite real number (not a bool)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from flax import nnx
 from jlora.adapters import GROUPS, TARGETS, Adapter, ModuleAdapter, target_shapes
 from jlora.bank import base_weight
 from jlora.config import ModelConfig
+from jlora.values import is_int, is_real
 
 VARIANTS = ("lora", "dora", "tied")
 
@@ -52,9 +53,9 @@ class AdapterSpec:
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"variant {self.variant!r} is not one of {VARIANTS}")
-        if not (is_integer(self.rank) and 1 <= self.rank <= 256):
+        if not (is_int(self.rank) and 1 <= self.rank <= 256):
             raise ValueError(f"rank={self.rank!r} must be an integer in [1, 256]")
-        if self.alpha is not None and not (_is_real(self.alpha) and 0 < self.alpha < math.inf):
+        if self.alpha is not None and not (is_real(self.alpha) and 0 < self.alpha < math.inf):
             raise ValueError(f"alpha={self.alpha!r} must be a finite number > 0 (or None for "
                              "the default)")
         if not isinstance(self.targets, (tuple, list)):
@@ -65,7 +66,7 @@ class AdapterSpec:
         if bad or not self.targets:
             raise ValueError(f"targets {list(self.targets)} must be a non-empty subset of "
                              f"{list(TARGETS)}")
-        if not (_is_real(self.dropout) and 0 <= self.dropout < 1):
+        if not (is_real(self.dropout) and 0 <= self.dropout < 1):
             raise ValueError(f"dropout={self.dropout!r} must be in [0, 1)")
         for name in ("rslora", "train_a", "train_b", "train_u", "train_v"):
             if not isinstance(getattr(self, name), bool):
@@ -80,15 +81,6 @@ class AdapterSpec:
         alpha = self.alpha if self.alpha is not None else (
             self.rank if self.variant == "tied" else 2 * self.rank)
         return alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
-
-
-def is_integer(x) -> bool:
-    """An int that is not a bool (True would pass as 1)."""
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 class Adapters(nnx.Module):

@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from jlora.config import ModelConfig, RopeScaling
 from jlora.formats.checks import check_shape
 from jlora.model import layer_shapes, pack_layer
+from jlora.values import is_int, is_real
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _HF_LAYER_NAMES = {  # jlora name -> (HF suffix under model.layers.N, transposed)
@@ -56,14 +57,14 @@ def config_from_hf(hf: dict, name: str = "hf") -> ModelConfig:
     for flag in ("attention_bias", "mlp_bias"):
         if model_type == "llama" and hf.get(flag):
             raise ValueError(f"{name}: {flag}=true is not supported for llama models")
+
     def need(table: dict, key: str, where: str, kind=int):
         """table[key] as `kind`, or a ValueError naming the key."""
         what = "a number" if kind is float else "an integer"
         if key not in table:
             raise ValueError(f"{name}: config.json{where} has no key {key!r} ({what})")
         value = table[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float
-                                                     else int):
+        if not (is_real(value) if kind is float else is_int(value)):
             raise ValueError(f"{name}: config.json{where} key {key!r} is {value!r}; it must "
                              f"be {what}")
         return kind(value)

@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jlora.adapters import TARGETS, Adapter, ModuleAdapter
+from jlora.values import is_int, is_real
 
 META, WEIGHTS, FORMAT = "adapter.json", "adapter.safetensors", "jlora-adapter"
 
@@ -94,11 +95,9 @@ def _check_entry(entry, where: str) -> None:
     optional "A"/"B"/"u"/"w"/"m": the tensor's key}; ValueError naming the key otherwise."""
     if not isinstance(entry, dict):
         raise ValueError(f"{where} must be an object, got {entry!r}")
-    checks = (("layer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-               "an integer >= 0"),
+    checks = (("layer", lambda v: is_int(v) and v >= 0, "an integer >= 0"),
               ("target", lambda v: v in TARGETS, f"one of {TARGETS}"),
-              ("scale", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-               "a number"))
+              ("scale", is_real, "a number"))
     for key, ok, allowed in checks:
         if key not in entry:
             raise ValueError(f"{where}: key {key!r} is missing ({allowed})")
